@@ -1,0 +1,117 @@
+"""A pool of gloo ranks that lives for one test module.
+
+Starting ranks and importing megatron-core costs seconds per process, so each test module starts
+its ranks once (`ProcessGroupPool` as a module-scoped fixture) and sends them one function per
+check. A function runs on every rank and its return values come back in rank order; an exception
+on any rank fails the calling test with that rank's traceback.
+
+Functions sent to the pool must be importable by name (module-level in a test module).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+_TIMEOUT_S = float(os.environ.get("TIEDLORA_TEST_RANK_TIMEOUT", "300"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    from tiedlora_megatron.runtime import enable_cpu_runtime
+
+    enable_cpu_runtime()
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        while True:
+            job = inbox.get()
+            if job is None:
+                break
+            fn, args, kwargs = job
+            try:
+                outbox.put((rank, True, fn(*args, **kwargs)))
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                outbox.put((rank, False, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+class ProcessGroupPool:
+    """`world_size` spawned processes joined in one gloo process group."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(world_size)]
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                args=(rank, world_size, port, self._inboxes[rank], self._outbox),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Run `fn(*args, **kwargs)` on every rank; return the results in rank order."""
+        for inbox in self._inboxes:
+            inbox.put((fn, args, kwargs))
+        results: dict[int, Any] = {}
+        failures: list[str] = []
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self._outbox.get(timeout=_TIMEOUT_S)
+            except Exception as e:  # queue.Empty: a rank hung or died
+                self.close(force=True)
+                raise RuntimeError(
+                    f"{fn.__name__}: a rank gave no result in {_TIMEOUT_S:.0f} s"
+                ) from e
+            if ok:
+                results[rank] = value
+            else:
+                failures.append(f"--- rank {rank} ---\n{value}")
+        if failures:
+            raise AssertionError(f"{fn.__name__} failed:\n" + "\n".join(failures))
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for inbox in self._inboxes:
+                inbox.put(None)
+        for p in self._procs:
+            p.join(timeout=0 if force else 30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+    def __enter__(self) -> ProcessGroupPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(force=exc[0] is not None)

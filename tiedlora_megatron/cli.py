@@ -1,0 +1,85 @@
+"""`tiedlora-megatron`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tiedlora_megatron.config import PRESETS, SUPPORTED_TARGETS, ConfigError
+from tiedlora_megatron.params import ModelDims, preset_table
+
+#: Dimensions of well-known models, for `params --model`.
+KNOWN_DIMS: dict[str, ModelDims] = {
+    "llama2-7b": ModelDims(4096, 32, 11008, 32, 32, gated_linear_unit=True),
+    "llama2-13b": ModelDims(5120, 40, 13824, 40, 40, gated_linear_unit=True),
+    "llama3-8b": ModelDims(4096, 32, 14336, 32, 8, gated_linear_unit=True),
+    "smollm2-135m": ModelDims(576, 30, 1536, 9, 3, gated_linear_unit=True),
+    "gpt2": ModelDims(768, 12, 3072, 12, 12),
+}
+
+
+def _params(args: argparse.Namespace) -> int:
+    if args.model:
+        dims = KNOWN_DIMS[args.model]
+    else:
+        missing = [f for f in ("hidden_size", "num_layers") if getattr(args, f) is None]
+        if missing:
+            print(
+                "error: give --model or at least --hidden-size and --num-layers",
+                file=sys.stderr,
+            )
+            return 2
+        dims = ModelDims(
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            ffn_hidden_size=args.ffn_hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups,
+            gated_linear_unit=args.gated,
+        )
+    try:
+        rows = preset_table(dims, args.rank, args.targets, args.presets)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"Trainable parameters, rank {args.rank}, targets {', '.join(args.targets)}; "
+        f"hidden {dims.hidden_size}, {dims.num_layers} layers"
+    )
+    header = f"{'preset':<10} {'factors':<9} {'tied':<5} {'trainable':>14} {'vs LoRA':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['preset']:<10} {r['factors']:<9} {'yes' if r['tied'] else 'no':<5} "
+            f"{r['trainable']:>14,} {100 * r['vs_lora']:>8.2f}%"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiedlora-megatron", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("params", help="trainable parameters of every preset against LoRA")
+    p.add_argument("--model", choices=sorted(KNOWN_DIMS), help="take the dims of a known model")
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--num-layers", type=int)
+    p.add_argument("--ffn-hidden-size", type=int)
+    p.add_argument("--num-attention-heads", type=int, default=1)
+    p.add_argument("--num-query-groups", type=int)
+    p.add_argument("--gated", action="store_true", help="SwiGLU fc1 (2 x ffn outputs)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", nargs="+", default=["linear_qkv"], choices=SUPPORTED_TARGETS)
+    p.add_argument("--presets", nargs="+", choices=list(PRESETS), help="default: all")
+    p.set_defaults(func=_params)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The low-rank factors A and B of one target kind: seeded start, sharding, megatron attributes.
+
+A tied pair is owned by exactly one module per model chunk (`TiedFactorBank`), which layers
+reference without registering, so state dicts, optimizers and DDP see each tied parameter once.
+An untied pair (LoRA) is owned by its layer's adapter.
+
+Every factor is drawn in full (unsharded) on a CPU generator whose seed depends only on the
+config seed, the target kind, the layer (untied) and the factor, then sliced to this rank's
+shard: the same seed gives the same full factors at every parallel layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+from torch import nn
+
+from tiedlora_megatron.config import FactorSpec, TiedLoRAConfig
+from tiedlora_megatron.layouts import LinearLayout
+
+
+def factor_seed(seed: int, kind: str, factor: str, layer_number: int | None = None) -> int:
+    """A stable 63-bit seed for one factor (independent of process, layout and Python hash)."""
+    key = f"{seed}/{kind}/{factor}/{'tied' if layer_number is None else layer_number}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+def init_full_matrix(
+    spec: FactorSpec, shape: tuple[int, int], rank: int, seed: int
+) -> torch.Tensor:
+    """The full fp32 matrix for `spec`, drawn on a CPU generator seeded with `seed`.
+
+    "kaiming_uniform" is LoRA's (and VeRA's) start: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which
+    is kaiming_uniform_ with a = sqrt(5); "normal" is N(0, 1/rank^2) as PEFT's gaussian A.
+    """
+    out = torch.empty(shape, dtype=torch.float32)
+    if spec.init == "zeros":
+        return out.zero_()
+    g = torch.Generator().manual_seed(seed)
+    if spec.init == "kaiming_uniform":
+        return nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=g)
+    return out.normal_(0.0, 1.0 / rank, generator=g)
+
+
+def mark_sharded(param: nn.Parameter, dim: int | None) -> nn.Parameter:
+    """Set megatron's tensor-parallel attributes: sharded along `dim`, or replicated (None)."""
+    set_tensor_model_parallel_attributes(param, dim is not None, 0 if dim is None else dim, 1)
+    return param
+
+
+class LowRankFactors(nn.Module):
+    """A (rank x d_in, this rank's shard) and B (d_out x rank, this rank's shard).
+
+    Column-parallel base: A replicated, B sharded along d_out. Row-parallel base: A sharded
+    along d_in, B replicated. The rank dimension is never sharded.
+    """
+
+    def __init__(
+        self,
+        config: TiedLoRAConfig,
+        kind: str,
+        layout: LinearLayout,
+        *,
+        layer_number: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.kind = kind
+        self.layout = layout
+        r = config.rank
+        specs = {f: config.factor_spec(f) for f in ("A", "B")}
+        full_a = init_full_matrix(
+            specs["A"],
+            (r, layout.in_features),
+            r,
+            factor_seed(config.seed, kind, "A", layer_number),
+        )
+        full_b = init_full_matrix(
+            specs["B"],
+            (layout.out_features, r),
+            r,
+            factor_seed(config.seed, kind, "B", layer_number),
+        )
+        a = full_a[:, layout.local_in_index()].contiguous()
+        b = full_b[layout.local_out_index()].contiguous()
+        self.A = nn.Parameter(a.to(device=device, dtype=dtype), requires_grad=specs["A"].trained)
+        self.B = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=specs["B"].trained)
+        column = layout.parallel == "column"
+        mark_sharded(self.A, None if column else 1)
+        mark_sharded(self.B, 0 if column else None)
+        # Under sequence parallel the replicated factor sees only this rank's tokens, so its
+        # gradient is a partial sum that megatron's finalize_model_grads completes over TP.
+        if layout.sequence_parallel:
+            (self.A if column else self.B).sequence_parallel = True
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, {self.layout.parallel}-parallel, A={tuple(self.A.shape)}, "
+            f"B={tuple(self.B.shape)}, trained=(A={self.A.requires_grad}, B={self.B.requires_grad})"
+        )
+
+
+class TiedFactorBank(nn.ModuleDict):
+    """The single owner, in one model chunk, of the tied factors of every target kind."""

@@ -1,0 +1,239 @@
+"""`apply_tied_lora`: find the target layers of a megatron-core model, freeze it, add adapters.
+
+Targets are matched by module name (`linear_qkv`, ...) and checked by type, never by model
+class, so any megatron-core model built from its tensor-parallel layers works (GPTModel, hybrid
+models, a bare TransformerBlock). Apply adapters before wrapping the model in DDP or
+Float16Module: DDP allocates gradient buffers for the parameters that are trainable when it is
+built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tiedlora_megatron.adapter import TiedLoRAAdapter
+from tiedlora_megatron.config import ConfigError, TiedLoRAConfig
+from tiedlora_megatron.factors import LowRankFactors, TiedFactorBank
+from tiedlora_megatron.layouts import describe_linear
+
+#: Attribute under which a model chunk holds its TiedFactorBank.
+BANK_ATTR = "tied_adapter"
+#: Suffix of the attribute under which a layer's parent holds the layer's adapter.
+ADAPTER_SUFFIX = "_adapter"
+
+
+@dataclass
+class _Target:
+    chunk: int
+    name: str
+    kind: str
+    module: nn.Module
+    parent: nn.Module
+
+
+class TiedLoRAAdapters:
+    """What `apply_tied_lora` added to a model: its adapters, tied banks and config."""
+
+    def __init__(
+        self,
+        config: TiedLoRAConfig,
+        chunks: list[nn.Module],
+        adapters: list[dict[str, TiedLoRAAdapter]],
+        banks: list[TiedFactorBank | None],
+    ):
+        self.config = config
+        self.chunks = chunks
+        self.adapters = adapters
+        """Per chunk: base module path -> its adapter."""
+        self.banks = banks
+        """Per chunk: the bank owning the tied factors (None when untied)."""
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every adapter parameter (trained or frozen) once, named by chunk and module path."""
+        for ci, chunk in enumerate(self.chunks):
+            prefix = f"chunk{ci}." if len(self.chunks) > 1 else ""
+            for name, p in chunk.named_parameters():
+                if _is_adapter_param(name):
+                    yield prefix + name, p
+
+    def parameters(self, trainable_only: bool = True) -> Iterator[nn.Parameter]:
+        for _, p in self.named_parameters():
+            if p.requires_grad or not trainable_only:
+                yield p
+
+    def num_trainable_parameters(self) -> int:
+        """Trainable adapter parameters of the whole model, as if unsharded and unreplicated:
+        TP shards counted at full size, each tied factor once however many pipeline stages and
+        virtual chunks hold a replica, per-layer factors summed over pipeline stages."""
+        tied, per_layer = 0, 0
+        for ci, chunk in enumerate(self.chunks):
+            for name, p in chunk.named_parameters():
+                if not (p.requires_grad and _is_adapter_param(name)):
+                    continue
+                n = p.numel() * (_tp_size() if getattr(p, "tensor_model_parallel", False) else 1)
+                if name.startswith(BANK_ATTR + "."):
+                    tied += n if ci == 0 else 0
+                else:
+                    per_layer += n
+        pp_group = _pipeline_group()
+        if pp_group is not None:
+            t = torch.tensor([per_layer], dtype=torch.int64)
+            dist.all_reduce(t, group=pp_group)
+            per_layer = int(t.item())
+        return tied + per_layer
+
+    def detach(self) -> None:
+        """Stop every adapter from adding its update (parameters stay in the model)."""
+        for chunk_adapters in self.adapters:
+            for adapter in chunk_adapters.values():
+                adapter.detach()
+
+    def __repr__(self) -> str:
+        n = sum(len(a) for a in self.adapters)
+        return f"TiedLoRAAdapters({self.config.factors!r}, tied={self.config.tied}, {n} adapted layers)"
+
+
+def _is_adapter_param(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] == BANK_ATTR or any(p.endswith(ADAPTER_SUFFIX) for p in parts[:-1])
+
+
+def _tp_size() -> int:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _pipeline_group() -> dist.ProcessGroup | None:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def _check_chunk(chunk: nn.Module, index: int) -> None:
+    from megatron.core.distributed import DistributedDataParallel
+
+    if isinstance(chunk, (DistributedDataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(
+            f"model chunk {index} is already wrapped in {type(chunk).__name__}: apply "
+            "apply_tied_lora to the bare model first, then wrap it (DDP allocates gradient "
+            "buffers for the parameters that are trainable when it is built)"
+        )
+    if hasattr(chunk, BANK_ATTR) or any(
+        n.endswith(ADAPTER_SUFFIX) for n, _ in chunk.named_modules()
+    ):
+        raise RuntimeError(f"model chunk {index} already has Tied-LoRA adapters")
+
+
+def _layer_number(chunk: nn.Module, name: str) -> int | None:
+    """The global (pipeline-offset) layer number of the closest enclosing transformer layer."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        number = getattr(chunk.get_submodule(".".join(parts[:end])), "layer_number", None)
+        if isinstance(number, int):
+            return number
+    return None
+
+
+def _find_targets(chunks: list[nn.Module], config: TiedLoRAConfig) -> list[_Target]:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    targets, linear_names = [], set()
+    for ci, chunk in enumerate(chunks):
+        for name, module in chunk.named_modules():
+            attr = name.rsplit(".", 1)[-1]
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                linear_names.add(attr)
+            if attr in config.target_modules:
+                parent = chunk.get_submodule(name.rsplit(".", 1)[0]) if "." in name else chunk
+                targets.append(_Target(ci, name, attr, module, parent))
+    missing = [t for t in config.target_modules if t not in {x.kind for x in targets}]
+    if missing:
+        raise ConfigError(
+            f"target module(s) {', '.join(map(repr, missing))} matched no module in the model; "
+            f"its tensor-parallel linear layers are named: {', '.join(sorted(linear_names)) or 'none'}"
+        )
+    return targets
+
+
+def apply_tied_lora(
+    model: nn.Module | Sequence[nn.Module], config: TiedLoRAConfig
+) -> TiedLoRAAdapters:
+    """Freeze `model` (a megatron-core module or a list of pipeline chunks) and add adapters.
+
+    Every target layer gets a `TiedLoRAAdapter`; with `config.tied`, each chunk gets one
+    `TiedFactorBank` (attribute `tied_adapter`) owning the shared A and B of every target kind.
+    The model's outputs are unchanged until the adapters train (ΔW = 0 at the start).
+    """
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    for ci, chunk in enumerate(chunks):
+        _check_chunk(chunk, ci)
+    targets = _find_targets(chunks, config)
+    for chunk in chunks:
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+
+    adapters: list[dict[str, TiedLoRAAdapter]] = [{} for _ in chunks]
+    banks: list[TiedFactorBank | None] = [TiedFactorBank() if config.tied else None for _ in chunks]
+    for t in targets:
+        layout = describe_linear(t.module, t.name)
+        layer_number = _layer_number(chunks[t.chunk], t.name)
+        weight = t.module.weight
+        bank = banks[t.chunk]
+        if bank is None:
+            if layer_number is None:
+                raise ConfigError(
+                    f"{t.name}: untied factors are seeded per layer, but no enclosing module "
+                    "has a `layer_number` (a megatron-core TransformerLayer)"
+                )
+            factors = LowRankFactors(
+                config,
+                t.kind,
+                layout,
+                layer_number=layer_number,
+                dtype=weight.dtype,
+                device=weight.device,
+            )
+        else:
+            if t.kind not in bank:
+                bank[t.kind] = LowRankFactors(
+                    config, t.kind, layout, dtype=weight.dtype, device=weight.device
+                )
+            factors = bank[t.kind]
+            if factors.layout != layout:
+                raise ConfigError(
+                    f"{t.name}: tied factors need every {t.kind} to have one shape and layout, "
+                    f"but this one is {layout.parallel} {layout.out_features}x{layout.in_features} "
+                    f"and another is {factors.layout.parallel} "
+                    f"{factors.layout.out_features}x{factors.layout.in_features}; use tied=False"
+                )
+        adapter = TiedLoRAAdapter(
+            config,
+            t.kind,
+            t.name,
+            layout,
+            factors,
+            owns_factors=bank is None,
+            layer_number=layer_number,
+        )
+        attr = t.name.rsplit(".", 1)[-1] + ADAPTER_SUFFIX
+        if hasattr(t.parent, attr):
+            raise RuntimeError(f"{t.name}: its parent already has an attribute {attr!r}")
+        t.parent.add_module(attr, adapter)
+        adapter.attach(t.module)
+        adapters[t.chunk][t.name] = adapter
+    for chunk, bank in zip(chunks, banks, strict=True):
+        if bank is not None:
+            chunk.add_module(BANK_ATTR, bank)
+    return TiedLoRAAdapters(config, chunks, adapters, banks)
