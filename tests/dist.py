@@ -19,6 +19,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 _TIMEOUT_S = float(os.environ.get("TIEDLORA_TEST_RANK_TIMEOUT", "300"))
+_FAILED_GRACE_S = 20.0
 
 
 def _free_port() -> int:
@@ -71,7 +72,8 @@ class ProcessGroupPool:
             ctx.Process(
                 target=_worker,
                 args=(rank, world_size, port, self._inboxes[rank], self._outbox),
-                daemon=True,
+                # Not daemonic: dist_checkpointing.save starts a multiprocessing Manager.
+                daemon=False,
             )
             for rank in range(world_size)
         ]
@@ -85,12 +87,19 @@ class ProcessGroupPool:
         results: dict[int, Any] = {}
         failures: list[str] = []
         for _ in range(self.world_size):
+            # Once a rank has failed, the others are likely stuck in a collective: give them a
+            # short grace period, then report the failure rather than the hang.
+            timeout = _FAILED_GRACE_S if failures else _TIMEOUT_S
             try:
-                rank, ok, value = self._outbox.get(timeout=_TIMEOUT_S)
+                rank, ok, value = self._outbox.get(timeout=timeout)
             except Exception as e:  # queue.Empty: a rank hung or died
                 self.close(force=True)
+                if failures:
+                    raise AssertionError(
+                        f"{fn.__name__} failed (other ranks then hung):\n" + "\n".join(failures)
+                    ) from None
                 raise RuntimeError(
-                    f"{fn.__name__}: a rank gave no result in {_TIMEOUT_S:.0f} s"
+                    f"{fn.__name__}: a rank gave no result in {timeout:.0f} s"
                 ) from e
             if ok:
                 results[rank] = value

@@ -92,7 +92,12 @@ def _check_layer(tp: int, sp: bool, kind: str, preset: str) -> dict[str, float]:
                 d_in, d_out, config=config, init_method=init, bias=True, gather_output=False
             )
         return RowParallelLinear(
-            d_in, d_out, config=config, init_method=init, bias=True, input_is_parallel=True,
+            d_in,
+            d_out,
+            config=config,
+            init_method=init,
+            bias=True,
+            input_is_parallel=True,
             skip_bias_add=True,
         )
 
@@ -108,8 +113,16 @@ def _check_layer(tp: int, sp: bool, kind: str, preset: str) -> dict[str, float]:
     n_ab = 1 if cfg.tied else LAYERS
     A = torch.randn(n_ab, RANK, d_in, generator=g, **f64) / d_in**0.5
     B = torch.randn(n_ab, d_out, RANK, generator=g, **f64) / RANK**0.5
-    u = torch.randn(LAYERS, RANK, generator=g, **f64) if cfg.uses("u") else torch.ones(LAYERS, RANK, **f64)
-    v = torch.randn(LAYERS, d_out, generator=g, **f64) if cfg.uses("v") else torch.ones(LAYERS, d_out, **f64)
+    u = (
+        torch.randn(LAYERS, RANK, generator=g, **f64)
+        if cfg.uses("u")
+        else torch.ones(LAYERS, RANK, **f64)
+    )
+    v = (
+        torch.randn(LAYERS, d_out, generator=g, **f64)
+        if cfg.uses("v")
+        else torch.ones(LAYERS, d_out, **f64)
+    )
     x = torch.randn(SEQ, BATCH, d_in, generator=g, **f64)
     gy = torch.randn(LAYERS, SEQ, BATCH, d_out, generator=g, **f64)
 
@@ -122,18 +135,18 @@ def _check_layer(tp: int, sp: bool, kind: str, preset: str) -> dict[str, float]:
         return t if column else t.chunk(tp, dim=-1)[rank]
 
     with torch.no_grad():
-        for l, layer in enumerate(model.layers):
+        for li, layer in enumerate(model.layers):
             lin = getattr(layer, kind)
-            lin.weight.copy_(in_cols(_rows(W[l], tp, rank, gated) if column else W[l]))
-            lin.bias.copy_(_rows(bias[l], tp, rank, gated) if column else bias[l])
-            ad = adapters.adapters[0][f"layers.{l}.{kind}"]
-            j = 0 if cfg.tied else l
+            lin.weight.copy_(in_cols(_rows(W[li], tp, rank, gated) if column else W[li]))
+            lin.bias.copy_(_rows(bias[li], tp, rank, gated) if column else bias[li])
+            ad = adapters.adapters[0][f"layers.{li}.{kind}"]
+            j = 0 if cfg.tied else li
             ad.lowrank.A.copy_(in_cols(A[j]))
             ad.lowrank.B.copy_(_rows(B[j], tp, rank, gated) if column else B[j])
             if ad.u is not None:
-                ad.u.copy_(u[l])
+                ad.u.copy_(u[li])
             if ad.v is not None:
-                ad.v.copy_(_rows(v[l], tp, rank, gated) if column else v[l])
+                ad.v.copy_(_rows(v[li], tp, rank, gated) if column else v[li])
 
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
     ddp.zero_grad_buffer()
@@ -142,40 +155,42 @@ def _check_layer(tp: int, sp: bool, kind: str, preset: str) -> dict[str, float]:
         x_local = x_local.chunk(tp, dim=0)[rank]
     x_local = in_cols(x_local).clone().requires_grad_(True)
     outs = ddp(x_local)
-    loss = sum((o * out_local(gy[l]).float()).sum() for l, (o, _) in enumerate(outs))
+    loss = sum((o * out_local(gy[li]).float()).sum() for li, (o, _) in enumerate(outs))
     loss.backward()
     finalize_model_grads([ddp])
 
     # Dense reference.
     ref = {k: t.clone().requires_grad_(True) for k, t in dict(A=A, B=B, u=u, v=v, x=x).items()}
     ys = []
-    for l in range(LAYERS):
-        j = 0 if cfg.tied else l
-        delta_w = cfg.scaling * ref["v"][l][:, None] * ref["B"][j] @ (ref["u"][l][:, None] * ref["A"][j])
-        y = ref["x"] @ (W[l] + delta_w).T
-        ys.append(y + bias[l] if column else y)
-    sum((y * gy[l]).sum() for l, y in enumerate(ys)).backward()
+    for li in range(LAYERS):
+        j = 0 if cfg.tied else li
+        delta_w = (
+            cfg.scaling * ref["v"][li][:, None] * ref["B"][j] @ (ref["u"][li][:, None] * ref["A"][j])
+        )
+        y = ref["x"] @ (W[li] + delta_w).T
+        ys.append(y + bias[li] if column else y)
+    sum((y * gy[li]).sum() for li, y in enumerate(ys)).backward()
 
     def err(got: torch.Tensor, want: torch.Tensor) -> float:
         return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
     errors = {}
-    for l, (o, b) in enumerate(outs):
-        errors[f"out{l}"] = err(o, out_local(ys[l].detach()))
+    for li, (o, b) in enumerate(outs):
+        errors[f"out{li}"] = err(o, out_local(ys[li].detach()))
         if not column:
-            errors[f"bias{l}"] = err(b, bias[l])
+            errors[f"bias{li}"] = err(b, bias[li])
     x_grad_ref = ref["x"].grad
     if column and sp:
         x_grad_ref = x_grad_ref.chunk(tp, dim=0)[rank]
     errors["x"] = err(x_local.grad, in_cols(x_grad_ref))
-    for l, layer in enumerate(model.layers):
-        ad = adapters.adapters[0][f"layers.{l}.{kind}"]
-        j = 0 if cfg.tied else l
+    for li, layer in enumerate(model.layers):
+        ad = adapters.adapters[0][f"layers.{li}.{kind}"]
+        j = 0 if cfg.tied else li
         want = {
             "A": in_cols(ref["A"].grad[j]),
             "B": _rows(ref["B"].grad[j], tp, rank, gated) if column else ref["B"].grad[j],
-            "u": ref["u"].grad[l],
-            "v": _rows(ref["v"].grad[l], tp, rank, gated) if column else ref["v"].grad[l],
+            "u": ref["u"].grad[li],
+            "v": _rows(ref["v"].grad[li], tp, rank, gated) if column else ref["v"].grad[li],
         }
         params = {"A": ad.lowrank.A, "B": ad.lowrank.B, "u": ad.u, "v": ad.v}
         for f, p in params.items():
@@ -184,7 +199,7 @@ def _check_layer(tp: int, sp: bool, kind: str, preset: str) -> dict[str, float]:
             if not cfg.trains(f):
                 assert not p.requires_grad and getattr(p, "main_grad", None) is None, f
                 continue
-            errors[f"d{f}{l}"] = err(p.main_grad, want[f])
+            errors[f"d{f}{li}"] = err(p.main_grad, want[f])
         assert getattr(layer, kind).weight.grad is None
     return errors
 

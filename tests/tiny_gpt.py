@@ -1,0 +1,140 @@
+"""Tiny megatron-core GPT models and megatron-driven training steps for the tests.
+
+Everything runs through megatron-core's own machinery (GPTModel with the local spec, DDP,
+get_megatron_optimizer, get_forward_backward_func, finalize_model_grads), as users run it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+VOCAB, SEQ, MICRO_BATCH = 128, 16, 2
+
+
+def gpt_config(tp: int = 1, pp: int = 1, sp: bool = False, **overrides):
+    from megatron.core.transformer import TransformerConfig
+
+    values = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+def build_gpt(
+    config, seed: int = 1234, pre_process: bool = True, post_process: bool = True, vp_stage=None
+):
+    """A GPTModel on the local spec (with sequence-parallel norms); weights from `seed`."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from tiedlora_megatron.spec import gpt_block_spec
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return GPTModel(
+        config,
+        transformer_layer_spec=gpt_block_spec(config, vp_stage=vp_stage),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=pre_process,
+        post_process=post_process,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+        vp_stage=vp_stage,
+    )
+
+
+def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` micro-batches of (tokens, labels), the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=g)
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return out
+
+
+def forward_step(data_iterator, model):
+    tokens, labels = next(data_iterator)
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=labels)
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        # clone: the schedule divides the returned loss in place by the number of micro-batches
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def wrap_ddp(chunks, config, **ddp_kwargs):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(**ddp_kwargs)
+    return [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def make_optimizer(ddp_chunks, lr: float = 1e-2, **kwargs):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    cfg = OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=0.0, params_dtype=torch.float32, **kwargs
+    )
+    return get_megatron_optimizer(cfg, ddp_chunks)
+
+
+def train_step(ddp_chunks, optimizer, micro_batches, config) -> tuple[float | None, float]:
+    """One optimizer step over `micro_batches` with megatron's schedule. Returns (mean loss on
+    the last pipeline stage else None, grad norm)."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = (
+        [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
+    )
+    for c in ddp_chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    n = len(micro_batches)
+    iters = (
+        [iter(micro_batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(micro_batches)
+    )
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
+        num_microbatches=n,
+        seq_length=SEQ,
+        micro_batch_size=MICRO_BATCH,
+        forward_only=False,
+    )
+    _, grad_norm, _ = optimizer.step()
+    loss = sum(float(x["loss"]) for x in losses) / n if losses else None
+    return loss, float(grad_norm)
