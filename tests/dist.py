@@ -11,6 +11,8 @@ Functions sent to the pool must be importable by name (module-level in a test mo
 from __future__ import annotations
 
 import os
+import pickle
+import queue
 import socket
 import traceback
 from collections.abc import Callable
@@ -45,14 +47,22 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
 
     enable_cpu_runtime()
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    parent = os.getppid()
     try:
         while True:
-            job = inbox.get()
+            try:
+                job = inbox.get(timeout=5)
+            except queue.Empty:
+                if os.getppid() != parent:  # the test process died: do not linger
+                    break
+                continue
             if job is None:
                 break
             fn, args, kwargs = job
             try:
-                outbox.put((rank, True, fn(*args, **kwargs)))
+                result = fn(*args, **kwargs)
+                pickle.dumps(result)  # an unpicklable result would be lost in the queue's thread
+                outbox.put((rank, True, result))
             except BaseException:  # noqa: BLE001 - reported to the parent
                 outbox.put((rank, False, traceback.format_exc()))
     finally:

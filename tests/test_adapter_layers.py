@@ -165,7 +165,10 @@ def _check_layer(tp: int, sp: bool, kind: str, preset: str) -> dict[str, float]:
     for li in range(LAYERS):
         j = 0 if cfg.tied else li
         delta_w = (
-            cfg.scaling * ref["v"][li][:, None] * ref["B"][j] @ (ref["u"][li][:, None] * ref["A"][j])
+            cfg.scaling
+            * ref["v"][li][:, None]
+            * ref["B"][j]
+            @ (ref["u"][li][:, None] * ref["A"][j])
         )
         y = ref["x"] @ (W[li] + delta_w).T
         ys.append(y + bias[li] if column else y)

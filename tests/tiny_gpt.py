@@ -67,6 +67,25 @@ def build_gpt(
     )
 
 
+def build_chunks(config, seed: int = 1234) -> list:
+    """This rank's model chunks (one per virtual pipeline stage) for the current layout."""
+    from megatron.core import parallel_state as ps
+
+    vpp = config.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return [build_gpt(config, seed, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())]
+    return [
+        build_gpt(
+            config,
+            seed,
+            ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
+            ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i),
+            vp_stage=i,
+        )
+        for i in range(vpp)
+    ]
+
+
 def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` micro-batches of (tokens, labels), the same on every rank."""
     g = torch.Generator().manual_seed(seed)
@@ -100,11 +119,14 @@ def wrap_ddp(chunks, config, **ddp_kwargs):
     ]
 
 
-def make_optimizer(ddp_chunks, lr: float = 1e-2, **kwargs):
+def make_optimizer(ddp_chunks, lr: float = 1e-2, optimizer: str = "adam", **kwargs):
+    """megatron's optimizer over the chunks' trainable parameters. Exactness checks use SGD
+    with momentum: Adam divides by sqrt(v), which turns fp32 rounding in near-zero gradient
+    entries into relative differences of 1e-3."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     cfg = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=0.0, params_dtype=torch.float32, **kwargs
+        optimizer=optimizer, lr=lr, weight_decay=0.0, params_dtype=torch.float32, **kwargs
     )
     return get_megatron_optimizer(cfg, ddp_chunks)
 
@@ -112,8 +134,9 @@ def make_optimizer(ddp_chunks, lr: float = 1e-2, **kwargs):
 def train_step(ddp_chunks, optimizer, micro_batches, config) -> tuple[float | None, float]:
     """One optimizer step over `micro_batches` with megatron's schedule. Returns (mean loss on
     the last pipeline stage else None, grad norm)."""
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tiedlora_megatron import finalize_model_grads
 
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = (
@@ -138,3 +161,67 @@ def train_step(ddp_chunks, optimizer, micro_batches, config) -> tuple[float | No
     _, grad_norm, _ = optimizer.step()
     loss = sum(float(x["loss"]) for x in losses) / n if losses else None
     return loss, float(grad_norm)
+
+
+def init_layout(tp: int = 1, pp: int = 1, vpp: int | None = None, **overrides):
+    """Initialise megatron's parallel state for a layout; return its tiny GPT config (8 layers).
+
+    Interleaved runs use unbatched p2p on two groups, as Megatron-LM does by default: with
+    PP = 2 the previous and next stage are the same rank."""
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    if vpp is not None:
+        overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    overrides.setdefault("num_layers", 8)
+    return gpt_config(
+        tp=tp,
+        pp=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        pipeline_dtype=torch.float32,
+        **overrides,
+    )
+
+
+def save_base(chunk, ckpt_dir: str) -> None:
+    """Save a TP1 x PP1 base model with megatron's dist_checkpointing (layout-free on disk)."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dist_checkpointing.save(chunk.sharded_state_dict(), ckpt_dir)
+
+
+def load_base(chunks, ckpt_dir: str) -> None:
+    """Load base weights into this layout's chunks (one load: megatron validates coverage)."""
+    from megatron.core import dist_checkpointing
+
+    sharded = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    state = dist_checkpointing.load(sharded, ckpt_dir)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"model{i}"])
+
+
+def eval_losses(ddp_chunks, micro_batches, config) -> list[float] | None:
+    """Per-micro-batch losses of a forward-only pass (None off the last pipeline stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    n = len(micro_batches)
+    iters = (
+        [iter(micro_batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(micro_batches)
+    )
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
+        num_microbatches=n,
+        seq_length=SEQ,
+        micro_batch_size=MICRO_BATCH,
+        forward_only=True,
+    )
+    return [float(x["loss"]) for x in out] if out else None

@@ -21,6 +21,7 @@ __all__ = [
     "TiedLoRAConfig",
     "apply_tied_lora",
     "count_trainable_parameters",
+    "finalize_model_grads",
 ]
 
 
@@ -30,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from tiedlora_megatron import inject
 
         return getattr(inject, name)
+    if name == "finalize_model_grads":
+        from tiedlora_megatron.pipeline import finalize_model_grads
+
+        return finalize_model_grads
     raise AttributeError(f"module 'tiedlora_megatron' has no attribute {name!r}")

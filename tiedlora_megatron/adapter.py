@@ -29,7 +29,7 @@ from megatron.core.tensor_parallel import mappings
 from torch import nn
 
 from tiedlora_megatron.config import TiedLoRAConfig
-from tiedlora_megatron.factors import LowRankFactors, mark_sharded
+from tiedlora_megatron.factors import LowRankFactors, mark_sharded, sharded_factor_entries
 from tiedlora_megatron.layouts import LinearLayout, split_output
 
 
@@ -136,6 +136,16 @@ class TiedLoRAAdapter(nn.Module):
             else:
                 h = mappings.reduce_from_tensor_model_parallel_region(h, group=group)
         return F.linear(h, b_eff)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """megatron dist-checkpoint entries: u, v (and untied A, B) stacked over layers with the
+        offsets the enclosing TransformerLayer passes, TP-sharded as the base layer."""
+        tensors = {
+            n: p for n, p in self.named_parameters() if "." not in n or n.startswith("factors.")
+        }
+        return sharded_factor_entries(tensors, self.layout, prefix, sharded_offsets)
 
     # -- attachment to the base layer ------------------------------------------------------
 

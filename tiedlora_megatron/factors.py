@@ -104,5 +104,50 @@ class LowRankFactors(nn.Module):
         )
 
 
+#: Attribute under which a model chunk holds its TiedFactorBank.
+BANK_ATTR = "tied_adapter"
+
+
 class TiedFactorBank(nn.ModuleDict):
     """The single owner, in one model chunk, of the tied factors of every target kind."""
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """megatron dist-checkpoint entries of the tied factors: TP-sharded as their base,
+        stored once (replica id 0 on the primary replica, 1 on every other stage and chunk,
+        which `pipeline.mark_tied_replicas` marks `shared`)."""
+        replica = int(any(getattr(p, "shared", False) for p in self.parameters()))
+        out = {}
+        for kind, factors in self.items():
+            tensors = {"A": factors.A, "B": factors.B}
+            out.update(
+                sharded_factor_entries(tensors, factors.layout, f"{prefix}{kind}.", sharded_offsets)
+            )
+        for entry in out.values():
+            entry.replica_id = (replica, *tuple(entry.replica_id)[1:])
+        return out
+
+
+def sharded_factor_entries(
+    tensors: dict[str, torch.Tensor], layout: LinearLayout, prefix: str, sharded_offsets: tuple
+) -> dict:
+    """ShardedTensors (or megatron's SwiGLU factories) for adapter tensors named "A", "B", "u",
+    "v" (optionally under a module prefix such as "factors."), sharded as `layout` shards them."""
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    column = layout.parallel == "column"
+    axis = {}
+    for name in tensors:
+        factor = name.rsplit(".", 1)[-1]
+        if column and factor in ("B", "v"):
+            axis[name] = 0
+        elif not column and factor == "A":
+            axis[name] = 1
+    entries = make_sharded_tensors_for_checkpoint(dict(tensors), prefix, axis, sharded_offsets)
+    if layout.gated:  # at every TP, so that checkpoints reshard
+        for name in axis:
+            key = prefix + name
+            entries[key] = apply_swiglu_sharded_factory(entries[key], sharded_offsets)
+    return entries

@@ -18,11 +18,10 @@ from torch import nn
 
 from tiedlora_megatron.adapter import TiedLoRAAdapter
 from tiedlora_megatron.config import ConfigError, TiedLoRAConfig
-from tiedlora_megatron.factors import LowRankFactors, TiedFactorBank
+from tiedlora_megatron.factors import BANK_ATTR, LowRankFactors, TiedFactorBank
 from tiedlora_megatron.layouts import describe_linear
+from tiedlora_megatron.pipeline import mark_tied_replicas, pipeline_rank_and_group
 
-#: Attribute under which a model chunk holds its TiedFactorBank.
-BANK_ATTR = "tied_adapter"
 #: Suffix of the attribute under which a layer's parent holds the layer's adapter.
 ADAPTER_SUFFIX = "_adapter"
 
@@ -58,7 +57,7 @@ class TiedLoRAAdapters:
         for ci, chunk in enumerate(self.chunks):
             prefix = f"chunk{ci}." if len(self.chunks) > 1 else ""
             for name, p in chunk.named_parameters():
-                if _is_adapter_param(name):
+                if is_adapter_param(name):
                     yield prefix + name, p
 
     def parameters(self, trainable_only: bool = True) -> Iterator[nn.Parameter]:
@@ -73,14 +72,14 @@ class TiedLoRAAdapters:
         tied, per_layer = 0, 0
         for ci, chunk in enumerate(self.chunks):
             for name, p in chunk.named_parameters():
-                if not (p.requires_grad and _is_adapter_param(name)):
+                if not (p.requires_grad and is_adapter_param(name)):
                     continue
                 n = p.numel() * (_tp_size() if getattr(p, "tensor_model_parallel", False) else 1)
                 if name.startswith(BANK_ATTR + "."):
                     tied += n if ci == 0 else 0
                 else:
                     per_layer += n
-        pp_group = _pipeline_group()
+        _, pp_group = pipeline_rank_and_group()
         if pp_group is not None:
             t = torch.tensor([per_layer], dtype=torch.int64)
             dist.all_reduce(t, group=pp_group)
@@ -98,7 +97,7 @@ class TiedLoRAAdapters:
         return f"TiedLoRAAdapters({self.config.factors!r}, tied={self.config.tied}, {n} adapted layers)"
 
 
-def _is_adapter_param(name: str) -> bool:
+def is_adapter_param(name: str) -> bool:
     parts = name.split(".")
     return parts[0] == BANK_ATTR or any(p.endswith(ADAPTER_SUFFIX) for p in parts[:-1])
 
@@ -109,16 +108,6 @@ def _tp_size() -> int:
     if not parallel_state.model_parallel_is_initialized():
         return 1
     return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def _pipeline_group() -> dist.ProcessGroup | None:
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return None
-    return parallel_state.get_pipeline_model_parallel_group()
 
 
 def _check_chunk(chunk: nn.Module, index: int) -> None:
@@ -165,6 +154,30 @@ def _find_targets(chunks: list[nn.Module], config: TiedLoRAConfig) -> list[_Targ
             f"its tensor-parallel linear layers are named: {', '.join(sorted(linear_names)) or 'none'}"
         )
     return targets
+
+
+def _hidden_states_require_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """Make a transformer block's input a grad-requiring leaf (see `_enable_recompute_grads`)."""
+    if not torch.is_grad_enabled():
+        return args, kwargs
+    if args and isinstance(args[0], torch.Tensor) and not args[0].requires_grad:
+        args = (args[0].detach().requires_grad_(True), *args[1:])
+    hidden = kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor) and not hidden.requires_grad:
+        kwargs = {**kwargs, "hidden_states": hidden.detach().requires_grad_(True)}
+    return args, kwargs
+
+
+def _enable_recompute_grads(chunk: nn.Module) -> None:
+    """megatron's full activation recompute runs each group of layers in a reentrant autograd
+    Function, which gets no backward at all when none of its inputs requires grad. With a
+    frozen embedding the first layers' input does not, so the adapters in them would silently
+    get no gradient: make every full-recompute block's input require grad."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    for module in chunk.modules():
+        if isinstance(module, TransformerBlock) and module.config.recompute_granularity == "full":
+            module.register_forward_pre_hook(_hidden_states_require_grad, with_kwargs=True)
 
 
 def apply_tied_lora(
@@ -236,4 +249,7 @@ def apply_tied_lora(
     for chunk, bank in zip(chunks, banks, strict=True):
         if bank is not None:
             chunk.add_module(BANK_ATTR, bank)
+    mark_tied_replicas(chunks)
+    for chunk in chunks:
+        _enable_recompute_grads(chunk)
     return TiedLoRAAdapters(config, chunks, adapters, banks)
