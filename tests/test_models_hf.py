@@ -7,10 +7,7 @@ logits and greedy continuations are computed once in this process and compared o
 
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -301,18 +298,6 @@ def test_quantised_gguf_llama_matches_transformers_at_tp2(pool, gguf_file):
     assert max(errors) < TOL
 
 
-@contextlib.contextmanager
-def _children_allowed() -> Iterator[None]:
-    """Pool ranks are daemon processes, and dist_checkpointing.save starts processes."""
-    config = multiprocessing.current_process()._config
-    daemon = config.get("daemon")
-    config["daemon"] = False
-    try:
-        yield
-    finally:
-        config["daemon"] = daemon
-
-
 def _reshard(root: str, ckpt: str, save: bool, tp: int, pp: int) -> float | None:
     from megatron.core import parallel_state as ps
 
@@ -327,8 +312,7 @@ def _reshard(root: str, ckpt: str, save: bool, tp: int, pp: int) -> float | None
     try:
         if save:
             chunks, info = load_hf_model(Path(root) / "gpt2")
-            with _children_allowed():
-                save_megatron_checkpoint(chunks, info.arch, ckpt)
+            save_megatron_checkpoint(chunks, info.arch, ckpt)
             return None
         chunks, info = load_megatron_model(ckpt)
         assert info.format == "megatron" and info.arch.family == "gpt2"
