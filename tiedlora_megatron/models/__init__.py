@@ -1,4 +1,5 @@
-"""Pretrained base models for megatron-core: HF (Llama family, GPT-2), GGUF and megatron checkpoints.
+"""Pretrained base models for megatron-core: HF (Llama family, GPT-2), GGUF and megatron checkpoints
+(this library's, Megatron-LM's and NeMo 2's).
 
 Every loader reads the TP / PP / virtual-PP layout from megatron's `parallel_state` (initialise it
 first, and seed megatron's RNG tracker with `model_parallel_cuda_manual_seed`, which attention
@@ -20,7 +21,11 @@ from tiedlora_megatron.models.arch import GPTArch, ModelInfo, build_model
 from tiedlora_megatron.models.generate import forward_logits, generate, perplexity
 from tiedlora_megatron.models.gguf import default_smollm2_path, load_gguf_model, load_smollm2
 from tiedlora_megatron.models.hf import arch_from_hf_config, load_hf_model
-from tiedlora_megatron.models.megatron_ckpt import load_megatron_model, save_megatron_checkpoint
+from tiedlora_megatron.models.megatron_ckpt import (
+    arch_from_megatron_lm_args,
+    load_megatron_model,
+    save_megatron_checkpoint,
+)
 from tiedlora_megatron.models.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "ModelInfo",
     "Tokenizer",
     "arch_from_hf_config",
+    "arch_from_megatron_lm_args",
     "build_model",
     "default_smollm2_path",
     "forward_logits",
