@@ -110,6 +110,8 @@ class SDPAttention(torch.nn.Module):
 def transformer_config(args: argparse.Namespace) -> Any:
     from megatron.core.transformer import TransformerConfig
 
+    from tiedlora_megatron.spec import unfused_settings
+
     m = MODELS[args.model]
     dtype = DTYPES[args.dtype]
     return TransformerConfig(
@@ -129,12 +131,7 @@ def transformer_config(args: argparse.Namespace) -> Any:
         bf16=dtype == torch.bfloat16,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        **unfused_settings(),
     )
 
 

@@ -83,7 +83,7 @@ def main() -> None:
         count_trainable_parameters,
         finalize_model_grads,
     )
-    from tiedlora_megatron.spec import gpt_block_spec
+    from tiedlora_megatron.spec import gpt_block_spec, unfused_settings
 
     ps.initialize_model_parallel(tensor_model_parallel_size=args.tp)
     model_parallel_cuda_manual_seed(0)
@@ -93,9 +93,7 @@ def main() -> None:
         ffn_hidden_size=128, gated_linear_unit=True, activation_func=F.silu,
         normalization="RMSNorm", add_bias_linear=False, tensor_model_parallel_size=args.tp,
         sequence_parallel=args.sequence_parallel, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0, gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False,
+        hidden_dropout=0.0, attention_dropout=0.0, **unfused_settings(),
     )  # fmt: skip
     model = GPTModel(
         config, gpt_block_spec(config), vocab_size=VOCAB, max_sequence_length=SEQ,

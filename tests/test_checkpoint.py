@@ -190,18 +190,18 @@ def _size_and_errors(base: str, root: str) -> dict:
         with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
             save_adapter_checkpoint(first, chunks, adapters)
         # A save killed between the tensor files and the metadata (the last file written).
-        original = ck._write_json_atomic
+        original = ck.write_json_atomic
 
         def crash(*args, **kwargs):
             raise RuntimeError("simulated crash")
 
-        ck._write_json_atomic = crash
+        ck.write_json_atomic = crash
         try:
             for target in (second, first):  # a new checkpoint, and an overwrite of one
                 with pytest.raises(RuntimeError, match="simulated crash"):
                     save_adapter_checkpoint(target, chunks, adapters, overwrite=True)
         finally:
-            ck._write_json_atomic = original
+            ck.write_json_atomic = original
         partial = os.path.join(root, ".second.partial")
         with pytest.raises(CheckpointError, match="not a complete Tied-LoRA checkpoint"):
             load_adapter_checkpoint(partial, chunks, adapters)

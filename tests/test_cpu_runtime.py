@@ -38,6 +38,8 @@ def pool() -> Iterator[ProcessGroupPool]:
 def _config(tp: int = 1, pp: int = 1, vpp: int | None = None, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from tiedlora_megatron.spec import unfused_settings
+
     dtype = torch.bfloat16 if overrides.get("bf16") else torch.float32
     kwargs = dict(
         num_layers=4,
@@ -52,12 +54,7 @@ def _config(tp: int = 1, pp: int = 1, vpp: int | None = None, **overrides):
         perform_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        **unfused_settings(),
         params_dtype=dtype,
         pipeline_dtype=dtype,
     )

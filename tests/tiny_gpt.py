@@ -15,6 +15,8 @@ VOCAB, SEQ, MICRO_BATCH = 128, 16, 2
 def gpt_config(tp: int = 1, pp: int = 1, sp: bool = False, **overrides):
     from megatron.core.transformer import TransformerConfig
 
+    from tiedlora_megatron.spec import unfused_settings
+
     values = dict(
         num_layers=2,
         hidden_size=64,
@@ -32,12 +34,7 @@ def gpt_config(tp: int = 1, pp: int = 1, sp: bool = False, **overrides):
         params_dtype=torch.float32,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        **unfused_settings(),
     )
     values.update(overrides)
     return TransformerConfig(**values)

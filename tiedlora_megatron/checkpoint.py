@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tiedlora_megatron.atomic import raise_on_every_rank, replace_dir, write_json_atomic
 from tiedlora_megatron.config import ConfigError, TiedLoRAConfig
 from tiedlora_megatron.inject import TiedLoRAAdapters, is_adapter_param
 from tiedlora_megatron.params import ModelDims
@@ -136,23 +137,12 @@ def save_adapter_checkpoint(
             "extra": extra or {},
         }
         try:
-            _write_json_atomic(partial / METADATA_FILE, meta)
-            _replace_dir(partial, final)
+            write_json_atomic(partial / METADATA_FILE, meta)
+            replace_dir(partial, final)
         except Exception as e:  # every rank must learn of it, or the others would go on
             error = e
-    _raise_on_every_rank(error, f"saving {final} failed on rank 0")
+    raise_on_every_rank(error, f"saving {final} failed on rank 0")
     return final
-
-
-def _raise_on_every_rank(error: Exception | None, what: str) -> None:
-    """Re-raise rank 0's `error` there and raise a CheckpointError naming it on the others."""
-    message = [None if error is None else f"{type(error).__name__}: {error}"]
-    if dist.is_initialized():
-        dist.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        raise CheckpointError(f"{what}: {message[0]}")
 
 
 def _check_restorable(optimizer) -> None:
@@ -221,32 +211,6 @@ def _restore_adam_steps(optimizer, loaded: dict[str, Any]) -> None:
         for param_state in torch_opt.state.values():
             if "step" in param_state:
                 param_state["step"] = torch.tensor(step, dtype=torch.float32)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move complete checkpoint `src` to `dst`; an existing `dst` is removed only after."""
-    old = dst.parent / f".{dst.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -58,6 +58,47 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Single-process (TP = PP = 1): load the HF base and the adapter checkpoint, then export."""
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from tiedlora_megatron import TiedLoRAConfig, apply_tied_lora
+    from tiedlora_megatron.checkpoint import CheckpointError, load_adapter_checkpoint, read_metadata
+    from tiedlora_megatron.export import ExportError, export_merged_hf, export_peft
+    from tiedlora_megatron.models import load_hf_model
+    from tiedlora_megatron.runtime import enable_cpu_runtime
+
+    enable_cpu_runtime()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ps.initialize_model_parallel(1, 1)
+        model_parallel_cuda_manual_seed(1234)
+        config = TiedLoRAConfig.from_dict(read_metadata(args.adapter)["adapter_config"])
+        chunks, _ = load_hf_model(args.base)
+        adapters = apply_tied_lora(chunks, config)
+        load_adapter_checkpoint(args.adapter, chunks, adapters)
+        if args.format == "peft":
+            out = export_peft(adapters, chunks, args.base, args.out, overwrite=args.overwrite)
+        else:
+            out = export_merged_hf(adapters, chunks, args.base, args.out, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError, ExportError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        dist.destroy_process_group()
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiedlora-megatron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", default=["linear_qkv"], choices=SUPPORTED_TARGETS)
     p.add_argument("--presets", nargs="+", choices=list(PRESETS), help="default: all")
     p.set_defaults(func=_params)
+    e = sub.add_parser("export", help="export an adapter checkpoint as HF PEFT LoRA or merged HF")
+    e.add_argument(
+        "--base", required=True, help="the HF model directory the adapter was trained on"
+    )
+    e.add_argument("--adapter", required=True, help="a Tied-LoRA adapter checkpoint directory")
+    e.add_argument("--format", choices=["peft", "merged-hf"], required=True)
+    e.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.set_defaults(func=_export)
     return parser
 
 

@@ -25,6 +25,20 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+
+def unfused_settings() -> dict[str, bool]:
+    """TransformerConfig fields that switch off megatron's fused kernels: each needs apex or
+    Transformer Engine, which CPU machines (and plain GPU hosts) do not have."""
+    return dict(
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
 _LAYER_NORM_FIELDS = ("input_layernorm", "pre_mlp_layernorm")
 _QK_NORM_FIELDS = ("q_layernorm", "k_layernorm")
 

@@ -118,6 +118,8 @@ def transformer_config(arch: GPTArch, tp: int, pp: int, vp: int | None, dtype: t
     """The megatron TransformerConfig for `arch`: inference-exact, CPU-safe (fusions off)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from tiedlora_megatron.spec import unfused_settings
+
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -143,12 +145,7 @@ def transformer_config(arch: GPTArch, tp: int, pp: int, vp: int | None, dtype: t
         fp16=dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
+        **unfused_settings(),
     )
 
 

@@ -173,7 +173,7 @@ def arch_from_hf_config(cfg: dict) -> GPTArch:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class WeightEntry:
     """Where a logical tensor lives: a stored tensor, maybe transposed, maybe an out-range of it."""
 
     tensor: str
@@ -182,11 +182,11 @@ class _Entry:
     size: int | None = None
 
 
-def _llama_names(arch: GPTArch, prefix: str) -> dict[str, _Entry]:
+def llama_weight_names(arch: GPTArch, prefix: str) -> dict[str, WeightEntry]:
     names = {
-        "embed": _Entry(f"{prefix}embed_tokens.weight"),
-        "final_norm": _Entry(f"{prefix}norm.weight"),
-        "lm_head": _Entry("lm_head.weight"),
+        "embed": WeightEntry(f"{prefix}embed_tokens.weight"),
+        "final_norm": WeightEntry(f"{prefix}norm.weight"),
+        "lm_head": WeightEntry("lm_head.weight"),
     }
     parts = {
         "ln1": "input_layernorm",
@@ -202,37 +202,37 @@ def _llama_names(arch: GPTArch, prefix: str) -> dict[str, _Entry]:
     for i in range(arch.num_layers):
         for short, hf in parts.items():
             base = f"{prefix}layers.{i}.{hf}"
-            names[f"layers.{i}.{short}"] = _Entry(f"{base}.weight")
-            names[f"layers.{i}.{short}_bias"] = _Entry(f"{base}.bias")
+            names[f"layers.{i}.{short}"] = WeightEntry(f"{base}.weight")
+            names[f"layers.{i}.{short}_bias"] = WeightEntry(f"{base}.bias")
     return names
 
 
-def _gpt2_names(arch: GPTArch, prefix: str) -> dict[str, _Entry]:
+def gpt2_weight_names(arch: GPTArch, prefix: str) -> dict[str, WeightEntry]:
     h = arch.hidden_size
     names = {
-        "embed": _Entry(f"{prefix}wte.weight"),
-        "pos_embed": _Entry(f"{prefix}wpe.weight"),
-        "final_norm": _Entry(f"{prefix}ln_f.weight"),
-        "final_norm_bias": _Entry(f"{prefix}ln_f.bias"),
-        "lm_head": _Entry("lm_head.weight"),
+        "embed": WeightEntry(f"{prefix}wte.weight"),
+        "pos_embed": WeightEntry(f"{prefix}wpe.weight"),
+        "final_norm": WeightEntry(f"{prefix}ln_f.weight"),
+        "final_norm_bias": WeightEntry(f"{prefix}ln_f.bias"),
+        "lm_head": WeightEntry("lm_head.weight"),
     }
     for i in range(arch.num_layers):
         b = f"{prefix}h.{i}."
         layer = {
-            "ln1": _Entry(b + "ln_1.weight"),
-            "ln1_bias": _Entry(b + "ln_1.bias"),
-            "ln2": _Entry(b + "ln_2.weight"),
-            "ln2_bias": _Entry(b + "ln_2.bias"),
-            "o": _Entry(b + "attn.c_proj.weight", transposed=True),
-            "o_bias": _Entry(b + "attn.c_proj.bias"),
-            "fc1": _Entry(b + "mlp.c_fc.weight", transposed=True),
-            "fc1_bias": _Entry(b + "mlp.c_fc.bias"),
-            "down": _Entry(b + "mlp.c_proj.weight", transposed=True),
-            "down_bias": _Entry(b + "mlp.c_proj.bias"),
+            "ln1": WeightEntry(b + "ln_1.weight"),
+            "ln1_bias": WeightEntry(b + "ln_1.bias"),
+            "ln2": WeightEntry(b + "ln_2.weight"),
+            "ln2_bias": WeightEntry(b + "ln_2.bias"),
+            "o": WeightEntry(b + "attn.c_proj.weight", transposed=True),
+            "o_bias": WeightEntry(b + "attn.c_proj.bias"),
+            "fc1": WeightEntry(b + "mlp.c_fc.weight", transposed=True),
+            "fc1_bias": WeightEntry(b + "mlp.c_fc.bias"),
+            "down": WeightEntry(b + "mlp.c_proj.weight", transposed=True),
+            "down_bias": WeightEntry(b + "mlp.c_proj.bias"),
         }
         for j, kind in enumerate("qkv"):
-            layer[kind] = _Entry(b + "attn.c_attn.weight", True, j * h, h)
-            layer[f"{kind}_bias"] = _Entry(b + "attn.c_attn.bias", False, j * h, h)
+            layer[kind] = WeightEntry(b + "attn.c_attn.weight", True, j * h, h)
+            layer[f"{kind}_bias"] = WeightEntry(b + "attn.c_attn.bias", False, j * h, h)
         names.update({f"layers.{i}.{k}": e for k, e in layer.items()})
     return names
 
@@ -260,7 +260,7 @@ class SafetensorsSource:
             stored = set(self._open("model.safetensors").keys())
         else:
             stored = set(self._file_of)
-        base = _gpt2_names if arch.family == "gpt2" else _llama_names
+        base = gpt2_weight_names if arch.family == "gpt2" else llama_weight_names
         key = "wte.weight" if arch.family == "gpt2" else "embed_tokens.weight"
         prefix = next((p for p in ("model.", "transformer.", "") if p + key in stored), None)
         if prefix is None:
@@ -275,14 +275,14 @@ class SafetensorsSource:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
         return self._handles[file]
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> WeightEntry:
         entry = self._names.get(name)
         if entry is None or entry.tensor not in self._stored:
             missing = entry.tensor if entry else name
             raise KeyError(f"{self.path}: checkpoint has no tensor {missing!r}")
         return entry
 
-    def _slice(self, entry: _Entry):
+    def _slice(self, entry: WeightEntry):
         file = "model.safetensors" if self._file_of is None else self._file_of[entry.tensor]
         return self._open(file).get_slice(entry.tensor)
 

@@ -127,7 +127,7 @@ def _qkv_pieces(arch: GPTArch, rank: int, tp: int) -> list[tuple[str, int, int]]
     return pieces
 
 
-def _norm_params(layer_norm: torch.nn.Module, fused_linear: torch.nn.Module):
+def norm_param_names(layer_norm: torch.nn.Module, fused_linear: torch.nn.Module):
     """A norm's (weight, bias): its own module, or TE's norm fused into the next linear."""
     if getattr(layer_norm, "weight", None) is not None:
         return layer_norm.weight, getattr(layer_norm, "bias", None)
@@ -135,7 +135,7 @@ def _norm_params(layer_norm: torch.nn.Module, fused_linear: torch.nn.Module):
 
 
 def _load_norm(norm, fused, src: WeightSource, name: str, what: str, done: set[int]) -> None:
-    weight, bias = _norm_params(norm, fused)
+    weight, bias = norm_param_names(norm, fused)
     _copy(weight, src.full(name), what, done)
     if bias is not None:
         _copy(bias, src.full(f"{name}_bias"), f"{what} bias", done)

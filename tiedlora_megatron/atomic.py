@@ -1,0 +1,58 @@
+"""Writes that an interruption cannot leave half-done, and failures every rank hears of.
+
+A checkpoint or export directory is written under a hidden `.<name>.partial` name and renamed
+into place only when complete; a file is written beside its target and `os.replace`d. When
+rank 0 alone does the final step, its failure is broadcast so that no other rank goes on (or
+waits) as if it had succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+
+class CollectiveError(RuntimeError):
+    """Raised on every rank but rank 0 when rank 0 failed a step of a collective write."""
+
+
+def raise_on_every_rank(error: Exception | None, what: str) -> None:
+    """Re-raise rank 0's `error` there and raise a CollectiveError naming it on the others."""
+    message = [None if error is None else f"{type(error).__name__}: {error}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise CollectiveError(f"{what}: {message[0]}")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move complete checkpoint `src` to `dst`; an existing `dst` is removed only after."""
+    old = dst.parent / f".{dst.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old.exists():
+        shutil.rmtree(old)
