@@ -90,15 +90,15 @@ def _reshard(base: str, ckpt: str, save_layout: tuple, load_layout: tuple) -> tu
     config, chunks, adapters, ddp, opt = _setup(base, save_layout)
     try:
         _train(ddp, opt, config, steps=2, seed=50)
-        saved = eval_losses(ddp, eval_data, config)
+        saved = eval_losses(ddp, eval_data)
         save_adapter_checkpoint(ckpt, chunks, adapters, optimizer=opt, step=2)
     finally:
         ps.destroy_model_parallel()
     config, chunks, adapters, ddp, opt = _setup(base, load_layout)
     try:
-        before = eval_losses(ddp, eval_data, config)
+        before = eval_losses(ddp, eval_data)
         meta = load_adapter_checkpoint(ckpt, chunks, adapters, optimizer=opt)
-        loaded = eval_losses(ddp, eval_data, config)
+        loaded = eval_losses(ddp, eval_data)
         return saved, before, loaded, meta["step"]
     finally:
         ps.destroy_model_parallel()

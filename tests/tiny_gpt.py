@@ -131,8 +131,6 @@ def make_optimizer(ddp_chunks, lr: float = 1e-2, optimizer: str = "adam", **kwar
 def train_step(ddp_chunks, optimizer, micro_batches, config) -> tuple[float | None, float]:
     """One optimizer step over `micro_batches` with megatron's schedule. Returns (mean loss on
     the last pipeline stage else None, grad norm)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from tiedlora_megatron import finalize_model_grads
 
     config.finalize_model_grads_func = finalize_model_grads
@@ -142,21 +140,9 @@ def train_step(ddp_chunks, optimizer, micro_batches, config) -> tuple[float | No
     for c in ddp_chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    n = len(micro_batches)
-    iters = (
-        [iter(micro_batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(micro_batches)
-    )
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iters,
-        model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
-        num_microbatches=n,
-        seq_length=SEQ,
-        micro_batch_size=MICRO_BATCH,
-        forward_only=False,
-    )
+    losses = _run_schedule(ddp_chunks, micro_batches, forward_only=False)
     _, grad_norm, _ = optimizer.step()
-    loss = sum(float(x["loss"]) for x in losses) / n if losses else None
+    loss = sum(float(x["loss"]) for x in losses) / len(micro_batches) if losses else None
     return loss, float(grad_norm)
 
 
@@ -204,21 +190,23 @@ def load_base(chunks, ckpt_dir: str) -> None:
         chunk.load_state_dict(state[f"model{i}"])
 
 
-def eval_losses(ddp_chunks, micro_batches, config) -> list[float] | None:
+def eval_losses(ddp_chunks, micro_batches) -> list[float] | None:
     """Per-micro-batch losses of a forward-only pass (None off the last pipeline stage)."""
+    out = _run_schedule(ddp_chunks, micro_batches, forward_only=True)
+    return [float(x["loss"]) for x in out] if out else None
+
+
+def _run_schedule(ddp_chunks, micro_batches, forward_only: bool) -> list[dict]:
+    """megatron's schedule for this layout over `micro_batches` (each chunk its own iterator)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    n = len(micro_batches)
-    iters = (
-        [iter(micro_batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(micro_batches)
-    )
-    out = get_forward_backward_func()(
+    several = len(ddp_chunks) > 1
+    return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iters,
-        model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
-        num_microbatches=n,
+        data_iterator=[iter(micro_batches) for _ in ddp_chunks] if several else iter(micro_batches),
+        model=ddp_chunks if several else ddp_chunks[0],
+        num_microbatches=len(micro_batches),
         seq_length=SEQ,
         micro_batch_size=MICRO_BATCH,
-        forward_only=True,
+        forward_only=forward_only,
     )
-    return [float(x["loss"]) for x in out] if out else None

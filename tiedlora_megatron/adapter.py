@@ -69,6 +69,8 @@ class TiedLoRAAdapter(nn.Module):
                 if p is not None:
                     p.sequence_parallel = True
         self._hook = None
+        # True while the update is folded into the base weight (export.merge_adapters).
+        self.merged = False
 
     @staticmethod
     def _vector(

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,9 +56,6 @@ class ExportError(ValueError):
 
 # -- merge / unmerge -------------------------------------------------------------------------
 
-# Adapters whose update is currently folded into their base weight.
-_MERGED: weakref.WeakSet[TiedLoRAAdapter] = weakref.WeakSet()
-
 
 def _adapted_bases(adapters: TiedLoRAAdapters) -> Iterator[tuple[TiedLoRAAdapter, nn.Module]]:
     for chunk, chunk_adapters in zip(adapters.chunks, adapters.adapters, strict=True):
@@ -87,13 +83,13 @@ def merge_adapters(adapters: TiedLoRAAdapters) -> None:
     evaluation); `unmerge_adapters` undoes it. Merging twice would add ΔW twice, so it raises.
     """
     pairs = list(_adapted_bases(adapters))
-    merged = [a.base_name for a, _ in pairs if a in _MERGED]
+    merged = [a.base_name for a, _ in pairs if a.merged]
     if merged:
         raise RuntimeError(f"adapters already merged (call unmerge_adapters first): {merged[:3]}")
     for adapter, base in pairs:
         base.weight.copy_(_merged_weight(adapter, base.weight))
         adapter.detach()
-        _MERGED.add(adapter)
+        adapter.merged = True
 
 
 @torch.no_grad()
@@ -102,14 +98,14 @@ def unmerge_adapters(adapters: TiedLoRAAdapters) -> None:
     comes back within one rounding) and re-attach its hook. The factors must not have changed
     since the merge."""
     pairs = list(_adapted_bases(adapters))
-    missing = [a.base_name for a, _ in pairs if a not in _MERGED]
+    missing = [a.base_name for a, _ in pairs if not a.merged]
     if missing:
         raise RuntimeError(f"adapters are not merged (call merge_adapters first): {missing[:3]}")
     for adapter, base in pairs:
         w = base.weight
         w.copy_((w.float() - _delta(adapter)).to(w.dtype))
         adapter.attach(base)
-        _MERGED.discard(adapter)
+        adapter.merged = False
 
 
 # -- megatron -> HF names ----------------------------------------------------------------------
@@ -473,7 +469,7 @@ def _layer_tensors(
         layout = describe_linear(module, kind)
         weight = module.weight.detach()
         adapter = adapter_of.get(id(module))
-        if adapter is not None and adapter not in _MERGED:
+        if adapter is not None and not adapter.merged:
             weight = _merged_weight(adapter, weight)
         column = layout.parallel == "column"
         full = _gather(weight, layout, 0 if column else 1)
