@@ -277,10 +277,24 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _prepare(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
-    final = Path(out_dir)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
+def _prepare(
+    out_dir: str | os.PathLike,
+    overwrite: bool,
+    adapters: TiedLoRAAdapters,
+    chunks: Sequence[nn.Module],
+    arch: GPTArch,
+) -> tuple[Path, Path]:
+    """Check the output directory and the adapters on every rank; raise on all ranks if any
+    rank found a problem. Returns (final directory, partial directory to write first)."""
+    error = None
+    try:
+        final = Path(out_dir)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} exists; pass overwrite=True to replace it")
+        _check_adapters(adapters, chunks, arch)
+    except (ExportError, FileExistsError) as e:
+        error = e
+    _agree(error)
     return final, final.parent / f".{final.name}.partial"
 
 
@@ -361,13 +375,7 @@ def export_peft(
     Collective: every rank calls it; rank 0 writes. Merged adapters export the same.
     """
     arch, base_name = _resolve_arch(arch_or_hf_config)
-    error = None
-    try:
-        final, partial = _prepare(out_dir, overwrite)
-        _check_adapters(adapters, chunks, arch)
-    except (ExportError, FileExistsError) as e:
-        error = e
-    _agree(error)
+    final, partial = _prepare(out_dir, overwrite, adapters, chunks, arch)
     family = _family(arch)
     tensors: dict[str, torch.Tensor] = {}
     adapted: set[str] = set()
@@ -539,13 +547,7 @@ def export_merged_hf(
     source = Path(hf_dir)
     hf_config = read_hf_config(source)
     arch = arch_from_hf_config(hf_config)
-    error = None
-    try:
-        final, partial = _prepare(out_dir, overwrite)
-        _check_adapters(adapters, chunks, arch)
-    except (ExportError, FileExistsError) as e:
-        error = e
-    _agree(error)
+    final, partial = _prepare(out_dir, overwrite, adapters, chunks, arch)
     dtype = unwrap(chunks[0]).config.params_dtype
     tensors = _to_rank0(_hf_tensors(_model_tensors(chunks, arch, adapters), arch))
     config = {**hf_config, "torch_dtype": str(dtype).removeprefix("torch.")}
