@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import multiprocessing
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,6 +396,8 @@ def _checkpoint_tp2_to_tp1(ckpt_dir: str) -> None:
                 p.add_(0.01 * torch.randn_like(p))
             saved = _token_losses(tp2, batch)
         dist_checkpointing.save(tp2.sharded_state_dict(), ckpt_dir)
+        # Written in this process: no forked writers, no results Manager left running.
+        assert not multiprocessing.active_children(), multiprocessing.active_children()
     finally:
         ps.destroy_model_parallel()
 
@@ -452,6 +455,7 @@ def test_dist_checkpoint_tp2_loads_at_tp1(pool: ProcessGroupPool, tmp_path: Path
 
 def test_noop_when_cuda_available(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh copy of the module patches nothing and reports disabled where CUDA is present."""
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fs
     import megatron.core.pipeline_parallel.schedules as schedules
     import megatron.core.tensor_parallel.random as random
 
@@ -468,6 +472,8 @@ def test_noop_when_cuda_available(monkeypatch: pytest.MonkeyPatch) -> None:
             schedules.torch,
             random.torch,
             random._set_cuda_rng_state,
+            fs._get_write_results_queue,
+            fs.FileSystemWriterAsync.write_preloaded_data_multiproc,
         )
 
     before = snapshot()

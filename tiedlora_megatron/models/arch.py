@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -114,8 +114,17 @@ class ModelInfo:
     format: Literal["hf", "gguf", "megatron"]
 
 
-def transformer_config(arch: GPTArch, tp: int, pp: int, vp: int | None, dtype: torch.dtype):
-    """The megatron TransformerConfig for `arch`: inference-exact, CPU-safe (fusions off)."""
+def transformer_config(
+    arch: GPTArch,
+    tp: int,
+    pp: int,
+    vp: int | None,
+    dtype: torch.dtype,
+    overrides: dict[str, Any] | None = None,
+):
+    """The megatron TransformerConfig for `arch`: inference-exact, CPU-safe (fusions off).
+
+    `overrides` sets training-time fields (sequence_parallel, recompute_*, ...) on top."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from tiedlora_megatron.spec import unfused_settings
@@ -145,17 +154,21 @@ def transformer_config(arch: GPTArch, tp: int, pp: int, vp: int | None, dtype: t
         fp16=dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=False,
-        **unfused_settings(),
+        **{**unfused_settings(), **(overrides or {})},
     )
 
 
 def build_model(
-    arch: GPTArch, dtype: torch.dtype = torch.float32, padded_vocab_size: int | None = None
+    arch: GPTArch,
+    dtype: torch.dtype = torch.float32,
+    padded_vocab_size: int | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> list:
     """Uninitialised GPTModel chunks for this rank (one per virtual pipeline stage).
 
     TP / PP / virtual-PP sizes come from megatron's `parallel_state`, which must be initialised.
     `padded_vocab_size` fixes the embedding rows (a checkpoint's), instead of padding for TP.
+    `config_overrides` are extra TransformerConfig fields (see `transformer_config`).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -172,7 +185,7 @@ def build_model(
             f"the checkpoint's padded vocabulary of {vocab} rows cannot be split over "
             f"tensor_model_parallel_size={tp}"
         )
-    config = transformer_config(arch, tp, pp, vp, dtype)
+    config = transformer_config(arch, tp, pp, vp, dtype, config_overrides)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp is not None else None

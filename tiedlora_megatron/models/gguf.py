@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,17 +161,23 @@ class GGUFSource:
         return self.rows(name, 0, self.shape(name)[0])
 
 
-def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_gguf_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    config_overrides: dict[str, Any] | None = None,
+):
     """Build this rank's megatron chunks for a GGUF llama file; returns (chunks, info)."""
     from tiedlora_megatron.models.weights import load_weights
 
     reader = open_gguf(path)
     arch = arch_from_gguf(reader)
-    chunks = build_model(arch, dtype)
+    chunks = build_model(arch, dtype, config_overrides=config_overrides)
     load_weights(chunks, arch, GGUFSource(reader, arch), str(path))
     return chunks, ModelInfo(arch=arch, path=str(path), format="gguf")
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
+def load_smollm2(
+    dtype: torch.dtype = torch.float32, config_overrides: dict[str, Any] | None = None
+):
     """The offline default model, SmolLM2-135M-Instruct; returns (chunks, info)."""
-    return load_gguf_model(default_smollm2_path(), dtype)
+    return load_gguf_model(default_smollm2_path(), dtype, config_overrides)

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -315,7 +316,11 @@ class SafetensorsSource:
         return self.rows(name, 0, self.shape(name)[0])
 
 
-def load_hf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_hf_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    config_overrides: dict[str, Any] | None = None,
+):
     """Build this rank's megatron chunks for an HF checkpoint directory and load its weights.
 
     Returns (chunks, info); TP / PP / virtual-PP sizes come from megatron's parallel_state.
@@ -325,6 +330,6 @@ def load_hf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     p = model_dir(path)
     arch = arch_from_hf_config(read_hf_config(p))
     src = SafetensorsSource(p, arch)
-    chunks = build_model(arch, dtype)
+    chunks = build_model(arch, dtype, config_overrides=config_overrides)
     load_weights(chunks, arch, src, str(p))
     return chunks, ModelInfo(arch=arch, path=str(p), format="hf")

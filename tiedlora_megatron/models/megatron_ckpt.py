@@ -266,7 +266,10 @@ def _no_common_state():
 
 
 def load_megatron_model(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, arch: GPTArch | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    arch: GPTArch | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ):
     """Build this rank's chunks for a checkpoint saved at any TP / PP and load it; (chunks, info).
 
@@ -284,7 +287,7 @@ def load_megatron_model(
         raise ValueError(
             f"{ckpt_dir} has hidden size {hidden} but the architecture says {arch.hidden_size}"
         )
-    chunks = build_model(arch, dtype, padded_vocab_size=padded)
+    chunks = build_model(arch, dtype, padded_vocab_size=padded, config_overrides=config_overrides)
     keys = _chunk_keys(chunks)
     sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks, strict=True)}
     add_prefix_for_sharding(sharded, prefix)

@@ -58,6 +58,14 @@ Three kinds of redirect, narrowest first:
    - `current_stream()`, `default_stream()`, `Stream`, `Event`, `stream()` -> inert stand-ins
      (CPU work is synchronous): DDP `communication_stream` and param_and_grad_buffer's
      `wait_stream` / `torch.cuda.stream(...)` with overlap_grad_reduce.
+
+5. `dist_checkpointing` writes its files in the calling process. Its synchronous save still forks
+   one writer process per file bucket (`FileSystemWriterAsync.write_preloaded_data_multiproc`)
+   and collects their results through a spawned multiprocessing Manager. Forking a CPU rank
+   while gloo's threads run can deadlock the child (seen: a save that never returned), and the
+   Manager costs 3-9 s per process. Both are replaced by a loop over the buckets in the calling
+   process, which writes the same files; megatron's async save (a background process) is not
+   supported on this runtime. Left alone when the megatron version's signatures differ.
 """
 
 from __future__ import annotations
@@ -65,7 +73,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
+import queue
 import types
 from collections.abc import Callable
 from typing import Any
@@ -136,6 +146,7 @@ def enable_cpu_runtime() -> bool:
     _redirect_cuda_rng()
     _wrap_tensor_method_users()
     _install_cuda_shims()
+    _write_checkpoints_in_process()
     _ENABLED = True
     return True
 
@@ -341,3 +352,53 @@ def _install_cuda_shims() -> None:
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.cuda.Stream = _CpuStream
     torch.cuda.Event = _CpuEvent
+
+
+_MULTIPROC_WRITE_ARGS = [
+    "transform_list",
+    "use_msc",
+    "rank",
+    "write_buckets",
+    "global_results_queue",
+]
+_BUCKET_WRITE_ARGS = [
+    "transform_list",
+    "local_proc_idx",
+    "write_bucket",
+    "results_queue",
+    "count_queue",
+    "use_fsync",
+    "kwargs",
+]
+
+
+def _write_checkpoints_in_process() -> None:
+    """Write dist_checkpointing's file buckets in this process (redirect 5)."""
+    fs = _import("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    writer = getattr(fs, "FileSystemWriterAsync", None)
+    if writer is None or not hasattr(fs, "_get_write_results_queue"):
+        return
+    multiproc = list(inspect.signature(writer.write_preloaded_data_multiproc).parameters)
+    bucket = list(inspect.signature(writer.write_preloaded_data).parameters)
+    if multiproc != _MULTIPROC_WRITE_ARGS or bucket != _BUCKET_WRITE_ARGS:
+        return
+    write_bucket = writer.write_preloaded_data
+
+    def write_buckets(transform_list, use_msc, rank, write_buckets, global_results_queue) -> None:
+        results: dict[int, Any] | Exception = {}
+        local: queue.Queue = queue.Queue()
+        done: queue.Queue = queue.Queue()  # the bucket writer takes one item and marks it done
+        for i, item in enumerate(write_buckets):
+            done.put(i)
+            kwargs = {"use_msc": True} if use_msc else {}
+            write_bucket(transform_list, i, item, local, done, True, **kwargs)
+            index, written = local.get()
+            if isinstance(written, Exception):
+                results = written
+                break
+            results[index] = written
+        global_results_queue.put(results)
+
+    results_queue: queue.Queue = queue.Queue()
+    fs._get_write_results_queue = lambda: results_queue
+    writer.write_preloaded_data_multiproc = staticmethod(write_buckets)
