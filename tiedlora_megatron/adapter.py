@@ -17,6 +17,19 @@ Communication (T tokens, r the rank), following design.md:
 - row-parallel base: h = all_reduce(A_local x_local) (T x r), then y = B_eff h with u folded into
   B, all replicated. Under sequence parallel h is reduce-scattered along the sequence instead
   and B, u, v are marked `sequence_parallel`.
+
+Transformer Engine bases follow the same paths. For `TELayerNormColumnParallelLinear` the
+adapter's input is the layer's normalised input: while attached, the adapter sets the layer's
+`return_layernorm_output` and hands the caller the layer's usual (output, bias). Under sequence
+parallel it takes the norm output on the local tokens, not TE's gathered copy
+(`return_layernorm_output_gathered`), and gathers only the rank-r z as for a local column base:
+the gathered copy would make every rank run A over all T tokens, and TE adds that copy's
+gradient before its own reduce-scatter, i.e. expects it partial, which the local path is not.
+
+Precision: the adapter's matmuls are plain torch ops in the activation dtype (bf16 in mixed
+precision). TE's `fp8_autocast` changes only TE modules and the adapter uses none, so under FP8
+the base layer runs in FP8 while the adapter, and the normalised input TE returns to it (TE
+keeps that in the activation dtype), stay in bf16.
 """
 
 from __future__ import annotations
@@ -27,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import mappings
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from tiedlora_megatron.config import TiedLoRAConfig
 from tiedlora_megatron.factors import LowRankFactors, mark_sharded, sharded_factor_entries
-from tiedlora_megatron.layouts import LinearLayout, split_output
+from tiedlora_megatron.layouts import LinearLayout, UnsupportedLayerError, split_output
 
 
 class TiedLoRAAdapter(nn.Module):
@@ -68,7 +82,7 @@ class TiedLoRAAdapter(nn.Module):
             for p in partial:
                 if p is not None:
                     p.sequence_parallel = True
-        self._hook = None
+        self._hook: tuple[nn.Module, RemovableHandle] | None = None
         # True while the update is folded into the base weight (export.merge_adapters).
         self.merged = False
 
@@ -152,24 +166,43 @@ class TiedLoRAAdapter(nn.Module):
     # -- attachment to the base layer ------------------------------------------------------
 
     def attach(self, base: nn.Module) -> None:
-        """Run after every forward of `base`, adding the update to its output."""
+        """Run after every forward of `base`, adding the update to its output (and make a
+        norm-fused base return its normalised input, the adapter's input, until `detach`)."""
         if self._hook is not None:
             raise RuntimeError(f"{self.base_name}: adapter is already attached")
-        self._hook = base.register_forward_hook(self._after_base, with_kwargs=True)
+        handle = base.register_forward_hook(self._after_base, with_kwargs=True)
+        if self.layout.normalizes_input:
+            base.return_layernorm_output = True
+        # A tuple, so that the base is not registered as a child of its adapter.
+        self._hook = (base, handle)
 
     def detach(self) -> None:
-        """Stop adding the update (the parameters stay)."""
+        """Stop adding the update (the parameters stay); the base returns its usual forms."""
         if self._hook is not None:
-            self._hook.remove()
+            base, handle = self._hook
+            handle.remove()
+            if self.layout.normalizes_input:
+                base.return_layernorm_output = False
             self._hook = None
 
     def _after_base(
-        self, base: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        self,
+        base: nn.Module,
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+        output: Any = None,
     ) -> tuple[torch.Tensor, Any]:
+        if args is None:
+            # megatron's TEFusedMLP (use_te_op_fuser) runs TE ops on the layers' weights and
+            # calls their forward hooks with no input or output: the update cannot be added.
+            raise UnsupportedLayerError(
+                f"{self.base_name}: its module ran it without calling its forward (megatron's "
+                "TEFusedMLP, use_te_op_fuser=True); adapters need the layer's own forward"
+            )
         x = args[0] if args else kwargs["input_"]
         gather = args[2] if len(args) > 2 else kwargs.get("runtime_gather_output")
-        out, bias = split_output(output, self.base_name)
-        return out + self.delta(x, gather), bias
+        out, bias, normed = split_output(output, self.base_name, self.layout.normalizes_input)
+        return out + self.delta(x if normed is None else normed, gather), bias
 
     def extra_repr(self) -> str:
         tied = "own A, B" if "factors" in self._modules else "tied A, B"

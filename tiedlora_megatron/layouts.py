@@ -4,6 +4,12 @@ The adapter follows its base layer's layout, never its own: a column-parallel ba
 output features, a row-parallel base the input features. `describe_linear` reads that layout
 off a megatron-core layer once, at injection; the adapter's forward then only consults the
 resulting `LinearLayout`.
+
+megatron-core's Transformer Engine layers have the same layouts as its local ones (TE's
+column/row `parallel_mode`), so the adapter treats both alike. The one difference is the
+norm-fused `TELayerNormColumnParallelLinear`, whose GEMM input is its own normalised input:
+the adapter must see that activation too, so the layer is asked to return it
+(`normalizes_input`) and `split_output` takes it back out of the return value.
 """
 
 from __future__ import annotations
@@ -15,24 +21,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tiedlora_megatron.te import (
+    NORM_FUSED_TE_LAYER,
+    SUPPORTED_TE_LAYERS,
+    UNSUPPORTED_TE_LAYERS,
+    require_te,
+    te_layer_name,
+)
+
 Parallelism = Literal["column", "row"]
 
 
 class UnsupportedLayerError(TypeError):
     """A target module whose type or settings the adapter cannot follow exactly."""
-
-
-# Transformer Engine layers, recognised by their megatron-core wrapper class's qualified name so
-# that no TE import is needed to tell them apart; their forward path lands with TE support.
-_TE_MODULE = "megatron.core.extensions.transformer_engine"
-_TE_LAYERS = (
-    "TELayerNormColumnParallelLinear",
-    "TEColumnParallelLinear",
-    "TERowParallelLinear",
-    "TEGroupedLinear",
-    "TEColumnParallelGroupedLinear",
-    "TERowParallelGroupedLinear",
-)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class LinearLayout:
     gated: bool = False
     """Column fc1 of a gated MLP (SwiGLU): each rank holds [gate shard; up shard], so the
     global rows it owns are two blocks, not one."""
+    normalizes_input: bool = False
+    """The base normalises its input before its GEMM (TELayerNormColumnParallelLinear): the
+    adapter's input is that normalised activation, which the base returns when asked
+    (`return_layernorm_output`), on the same tokens as the base's input."""
 
     @property
     def local_in(self) -> int:
@@ -86,36 +91,72 @@ class LinearLayout:
         return slice(self.tp_rank * n, (self.tp_rank + 1) * n)
 
 
-def _qualified_names(module: nn.Module) -> set[str]:
-    return {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
-
-
-def is_transformer_engine_layer(module: nn.Module) -> bool:
-    """Whether `module` is (a subclass of) one of megatron-core's TE linear wrappers."""
-    names = _qualified_names(module)
-    return any(f"{_TE_MODULE}.{n}" in names for n in _TE_LAYERS)
-
-
 def describe_linear(module: nn.Module, name: str) -> LinearLayout:
     """The layout of megatron-core linear layer `module` (at module path `name`).
 
-    Raises UnsupportedLayerError, naming the module, for layers the adapter cannot follow
-    exactly: expert (MoE) layers, layers that skip their input-gradient reduction, and
-    Transformer Engine layers (not supported by this version).
+    Reads megatron's local layers (ColumnParallelLinear, RowParallelLinear) and its Transformer
+    Engine wrappers (TELayerNormColumnParallelLinear, TEColumnParallelLinear, TERowParallelLinear;
+    TE >= te.MIN_TE_VERSION). Raises UnsupportedLayerError, naming the module, for layers the
+    adapter cannot follow exactly: expert (MoE) and grouped layers, layers that skip their
+    input-gradient reduction, TE layers that are not column or row parallel, and TE layers already
+    asked to return their norm's output.
     """
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    if is_transformer_engine_layer(module):
-        raise UnsupportedLayerError(
-            f"{name}: {type(module).__name__} is a Transformer Engine layer; this version of "
-            "tiedlora_megatron adapts megatron-core's local layers (ColumnParallelLinear, "
-            "RowParallelLinear) only: build the model with the local spec"
-        )
-    if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+    te_name = te_layer_name(module)
+    if te_name is not None:
+        parallel, layout = _read_te_linear(module, name, te_name)
+    elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        parallel, layout = _read_local_linear(module, name)
+    else:
         raise UnsupportedLayerError(
             f"{name}: cannot adapt a {type(module).__module__}.{type(module).__name__}; "
-            "supported are megatron-core's ColumnParallelLinear and RowParallelLinear"
+            "supported are megatron-core's ColumnParallelLinear, RowParallelLinear and their "
+            "Transformer Engine counterparts"
         )
+    group = layout.pop("tp_group")
+    tp_size, tp_rank = _tp_size_rank(group)
+    # A TE layer also keeps its own TP size (the one it communicates with): it must agree.
+    if layout.pop("tp_size", tp_size) != tp_size:
+        raise UnsupportedLayerError(
+            f"{name}: the layer's tensor-parallel size does not match its process group's "
+            f"({tp_size})"
+        )
+    gated = (
+        parallel == "column"
+        and name.rsplit(".", 1)[-1] == "linear_fc1"
+        and bool(getattr(module.config, "gated_linear_unit", False))
+    )
+    out = LinearLayout(
+        parallel,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        tp_group=group,
+        sequence_parallel=bool(module.sequence_parallel) and tp_size > 1,
+        gated=gated,
+        **layout,
+    )
+    weight = module.weight
+    expected = (out.local_out, out.local_in)
+    if weight is None or tuple(weight.shape) != expected:
+        raise UnsupportedLayerError(
+            f"{name}: weight shape {None if weight is None else tuple(weight.shape)} does not "
+            f"match the {parallel}-parallel layout {expected} at TP={tp_size}"
+        )
+    return out
+
+
+def _tp_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _read_local_linear(module: nn.Module, name: str) -> tuple[Parallelism, dict[str, Any]]:
+    """(parallelism, LinearLayout fields) of a megatron-core ColumnParallelLinear or
+    RowParallelLinear."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
     if getattr(module, "is_expert", False):
         raise UnsupportedLayerError(f"{name}: expert (MoE) layers are not supported")
     if getattr(module, "disable_grad_reduce", False):
@@ -123,41 +164,90 @@ def describe_linear(module: nn.Module, name: str) -> LinearLayout:
             f"{name}: layers built with disable_grad_reduce=True are not supported (their "
             "input gradient is left partial, which the adapter's exact gradient would break)"
         )
-    group = module.tp_group
-    tp_size = dist.get_world_size(group) if dist.is_initialized() else 1
-    tp_rank = dist.get_rank(group) if dist.is_initialized() else 0
-    common: dict[str, Any] = dict(
-        in_features=module.input_size,
-        out_features=module.output_size,
-        tp_size=tp_size,
-        tp_rank=tp_rank,
-        tp_group=group,
-        sequence_parallel=bool(module.sequence_parallel) and tp_size > 1,
+    fields: dict[str, Any] = dict(
+        in_features=module.input_size, out_features=module.output_size, tp_group=module.tp_group
     )
     if isinstance(module, ColumnParallelLinear):
-        gated = name.rsplit(".", 1)[-1] == "linear_fc1" and bool(
-            getattr(module.config, "gated_linear_unit", False)
-        )
-        layout = LinearLayout(
-            "column", gather_output=bool(module.gather_output), gated=gated, **common
-        )
-    else:
-        layout = LinearLayout("row", input_is_parallel=bool(module.input_is_parallel), **common)
-    weight = module.weight
-    expected = (layout.local_out, layout.local_in)
-    if weight is None or tuple(weight.shape) != expected:
+        return "column", dict(fields, gather_output=bool(module.gather_output))
+    return "row", dict(fields, input_is_parallel=bool(module.input_is_parallel))
+
+
+def _read_te_linear(
+    module: nn.Module, name: str, te_name: str
+) -> tuple[Parallelism, dict[str, Any]]:
+    """(parallelism, LinearLayout fields) of one of megatron-core's TE linear wrappers.
+
+    TE keeps the global input size of a column layer and the global output size of a row layer;
+    the other is this rank's shard. Its tensor-parallel size is checked against its group.
+    """
+    if te_name in UNSUPPORTED_TE_LAYERS:
+        raise UnsupportedLayerError(f"{name}: {te_name}: {UNSUPPORTED_TE_LAYERS[te_name]}")
+    require_te()
+    parallel = SUPPORTED_TE_LAYERS[te_name]
+    if module.parallel_mode != parallel:
+        # megatron builds expert layers under TP or EP with parallel_mode=None (it communicates
+        # for them itself); anything but the wrapper's own mode is a layout the adapter can't read.
         raise UnsupportedLayerError(
-            f"{name}: weight shape {None if weight is None else tuple(weight.shape)} does not "
-            f"match the {layout.parallel}-parallel layout {expected} at TP={tp_size}"
+            f"{name}: {te_name} with parallel_mode={module.parallel_mode!r} is not supported "
+            f"(expected {parallel!r}; expert layers are not supported)"
         )
-    return layout
+    if ".experts." in f".{name}.":
+        raise UnsupportedLayerError(f"{name}: expert (MoE) layers are not supported")
+    normalizes_input = te_name == NORM_FUSED_TE_LAYER
+    if normalizes_input and (
+        getattr(module, "return_layernorm_output", False)
+        or getattr(module, "return_layernorm_output_gathered", False)
+    ):
+        raise UnsupportedLayerError(
+            f"{name}: {te_name} already returns its norm's output (return_layernorm_output); "
+            "the adapter needs the layer's plain (output, bias) return form to start from"
+        )
+    tp_size = int(module.tp_size)
+    column = parallel == "column"
+    return parallel, dict(
+        in_features=module.in_features * (1 if column else tp_size),
+        out_features=module.out_features * (tp_size if column else 1),
+        tp_group=module.tp_group,
+        tp_size=tp_size,
+        normalizes_input=normalizes_input,
+    )
 
 
-def split_output(output: Any, name: str) -> tuple[torch.Tensor, Any]:
-    """(output, bias) of a megatron-core linear layer's return value."""
-    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor):
-        return output[0], output[1]
+def split_output(
+    output: Any, name: str, normalizes_input: bool = False
+) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+    """(output, bias, normalised input or None) of a base layer's return value.
+
+    Every megatron-core linear layer returns (output, bias-or-None). A norm-fused TE layer asked
+    for its norm's output (`normalizes_input`) returns, through megatron's wrapper, either
+    ((output, norm_output), None) - TE's (output, norm_output) wrapped with megatron's None
+    bias - or, when it returns its bias (`te_return_bias`), TE's (output, bias, norm_output)
+    unchanged.
+    """
+    if isinstance(output, tuple):
+        if not normalizes_input and len(output) == 2 and isinstance(output[0], torch.Tensor):
+            return output[0], output[1], None
+        if normalizes_input and len(output) == 3 and _tensors(output[0], output[2]):
+            return output[0], output[1], output[2]
+        if (
+            normalizes_input
+            and len(output) == 2
+            and output[1] is None
+            and isinstance(output[0], tuple)
+            and len(output[0]) == 2
+            and _tensors(*output[0])
+        ):
+            return output[0][0], None, output[0][1]
+    expected = (
+        "((output, norm_output), None) or (output, bias, norm_output)"
+        if normalizes_input
+        else "(output, bias)"
+    )
     raise UnsupportedLayerError(
-        f"{name}: expected the layer to return (output, bias), got {type(output).__name__}"
+        f"{name}: expected the layer to return {expected}, got {type(output).__name__}"
         + (f" of length {len(output)}" if isinstance(output, tuple) else "")
     )
+
+
+def _tensors(*values: Any) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in values)

@@ -1,0 +1,147 @@
+"""The fine-tuning job, run as users run it: `torchrun -m tiedlora_megatron.finetune train`.
+
+A tiny random Llama in HF format with SmolLM2's tokenizer and a JSONL task (tests/tiny_job.py)
+trains at TP=2 on 2 ranks and at PP=2 x DP=2 on 4 ranks. Each layout runs once uninterrupted and
+once stopped half-way (`train.exit_interval`) and resumed by rerunning the same command; the
+resumed run's per-step losses and final adapter weights must equal the uninterrupted run's.
+Config mistakes must fail before any process group exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_job import make_tiny_job
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "configs" / "tiny_gpt.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    overrides = make_tiny_job(tmp_path_factory.mktemp("tiny"))
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def _run(nproc: int, overrides: list[str], command: str = "train") -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "tiedlora_megatron.finetune", command,
+        "--config", str(CONFIG), *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _losses(output_dir: Path) -> dict[int, float]:
+    """Per-step training loss from metrics.jsonl (a resumed run appends to the same file)."""
+    out = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def _adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter checkpoint, read without process groups."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(flat))
+    state = torch.load(flat, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize(
+    ("nproc", "layout"),
+    [(2, ["parallel.tp=2", "parallel.sp=true"]), (4, ["parallel.pp=2"])],
+    ids=["tp2_sp", "pp2_dp2"],
+)
+def test_resume_matches_uninterrupted(
+    tiny: list[str], tmp_path: Path, nproc: int, layout: list[str]
+) -> None:
+    common = [*tiny, *layout, "train.steps=4", "eval.num_examples=-1", "eval.val_examples=8"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _run(nproc, [*common, f"train.output_dir={whole}"])
+    first = _run(nproc, [*common, f"train.output_dir={parts}", "train.exit_interval=2"])
+    assert "exit_interval reached" in first.stdout
+    assert not (parts / "summary.json").exists()
+    second = _run(nproc, [*common, f"train.output_dir={parts}", "train.exit_interval=2"])
+    assert "resumed from" in second.stdout and "step_0000002" in second.stdout
+
+    expected = _losses(whole)
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert _losses(parts) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert expected[4] < expected[1]  # the adapters learn
+
+    final = "checkpoints/step_0000004"
+    a, b = _adapter_tensors(whole / final), _adapter_tensors(parts / final)
+    assert sorted(a) == sorted(b) and any("tied_adapter" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["world_size"] == nproc
+    assert 0 < summary["tuned"]["val_loss"] < 20
+
+
+def _main_fails(capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
+    import torch.distributed as dist
+
+    from tiedlora_megatron.finetune.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.stpes=3", "unknown config key train.'stpes' (did you mean 'steps'?)"),
+        ("adapter.preset=vBuAA", "unknown preset 'vBuAA'"),
+        ("parallel.tp=3", "cannot be split at tensor_model_parallel_size=3"),
+        (
+            "data.train=/nonexistent/train.jsonl",
+            "data.train file /nonexistent/train.jsonl does not exist",
+        ),
+        ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
+        ("precision.fp8=hybrid", "precision.fp8 needs model.spec=te"),
+        ("train.global_batch=3", "must be a multiple of train.micro_batch=2"),
+    ],
+)
+def test_config_errors_before_process_groups(
+    tiny: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    override: str, message: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "3" if override == "parallel.tp=3" else "1")
+    _main_fails(capsys, ["train", "--config", str(CONFIG), *tiny, override], message)
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture) -> None:
+    _main_fails(
+        capsys, ["train", "--config", "/nonexistent.yaml"], "/nonexistent.yaml does not exist"
+    )
+
+
+def test_show_prints_resolved_config(tiny: list[str], capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from tiedlora_megatron.finetune.cli import main
+
+    assert main(["show", "--config", str(CONFIG), "adapter.target_modules=[linear_qkv]"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["adapter"]["target_modules"] == ["linear_qkv"]
+    assert shown["train"]["micro_batch"] == 2  # from the YAML
+    assert shown["optim"]["adam_beta2"] == 0.999  # a default

@@ -1,0 +1,79 @@
+"""A tiny fine-tuning job on disk: a random HF Llama with SmolLM2's tokenizer, and JSONL data.
+
+Real formats end to end (transformers' safetensors checkpoint, tokenizer files, JSONL examples),
+small enough that a torchrun job on 2-4 CPU ranks takes seconds per step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "tree",
+    "river",
+    "stone",
+    "bird",
+    "fish",
+]
+
+
+def _examples(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = rng.sample(WORDS, 3)
+        out.append({"input": f"Repeat: {' '.join(words)}\nAnswer:", "output": " ".join(words)})
+    return out
+
+
+def make_tiny_job(root: Path, layers: int = 4) -> dict[str, str]:
+    """Write the model and data under `root`; return the overrides that point a job at them."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiedlora_megatron.models import default_smollm2_path, load_tokenizer
+
+    model_dir = root / "model"
+    if not (model_dir / "config.json").is_file():
+        tok = load_tokenizer(default_smollm2_path())
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tok.hf),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+        )
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+        tok.hf.save_pretrained(model_dir)
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for split, (n, seed) in {"train": (64, 0), "validation": (16, 1), "test": (8, 2)}.items():
+        lines = [json.dumps(e) for e in _examples(n, seed)]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return {
+        "model.path": str(model_dir),
+        "model.tokenizer": str(model_dir),
+        "data.train": str(data / "train.jsonl"),
+        "data.validation": str(data / "validation.jsonl"),
+        "data.test": str(data / "test.jsonl"),
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    overrides = make_tiny_job(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"))
+    print(" ".join(f"{k}={v}" for k, v in overrides.items()))

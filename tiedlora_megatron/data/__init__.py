@@ -1,0 +1,53 @@
+"""Fine-tuning data: JSONL examples, tokenised samples with answer-only loss masks, padded
+batches, a resumable batch schedule, built-in offline tasks and their metrics.
+
+    examples = get_task("squad").load("train")         # or load_jsonl("my_data.jsonl")
+    samples, dropped = tokenize(examples, tok, template="plain", max_length=320)
+    schedule = BatchSchedule([s.length for s in samples], global_batch=8, seed=1234)
+    batch = collate([samples[i] for i in schedule.local_indices(step, dp_rank, dp_size)],
+                    tok.pad_id)
+    score("squad", predictions, [examples[s.index].references for s in eval_samples])
+
+Optional dependencies: the gsm task needs `reasoning-gym`; SQuAD is fetched once with pip
+(see `tasks.squad_json`).
+"""
+
+from tiedlora_megatron.data.metrics import (
+    exact_match,
+    f1,
+    normalize_answer,
+    numeric_accuracy,
+    score,
+)
+from tiedlora_megatron.data.sft import (
+    BatchSchedule,
+    DataError,
+    Example,
+    Sample,
+    collate,
+    load_jsonl,
+    tokenize,
+)
+from tiedlora_megatron.data.tasks import SPLITS, TASKS, TaskSpec, data_dir, get_task, gsm, squad
+
+__all__ = [
+    "SPLITS",
+    "TASKS",
+    "BatchSchedule",
+    "DataError",
+    "Example",
+    "Sample",
+    "TaskSpec",
+    "collate",
+    "data_dir",
+    "exact_match",
+    "f1",
+    "get_task",
+    "gsm",
+    "load_jsonl",
+    "normalize_answer",
+    "numeric_accuracy",
+    "score",
+    "squad",
+    "tokenize",
+]

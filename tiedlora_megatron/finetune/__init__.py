@@ -1,0 +1,11 @@
+"""The fine-tuning job: YAML config + overrides, SFT data, megatron-core training, evaluation.
+
+    torchrun --nproc-per-node 2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml
+
+`config` holds the job's documented configuration and its up-front checks, `job` the training
+and evaluation on megatron-core, `loss` the masked SFT forward step, `progress` logging.
+"""
+
+from tiedlora_megatron.finetune.config import JobConfig, load_job_config, validate
+
+__all__ = ["JobConfig", "load_job_config", "validate"]
