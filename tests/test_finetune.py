@@ -94,6 +94,18 @@ def test_resume_matches_uninterrupted(
     assert summary["steps"] == 4 and summary["world_size"] == nproc
     assert 0 < summary["tuned"]["val_loss"] < 20
 
+    # The eval command on one rank (TP=1, PP=1): the checkpoint reshards, and the same
+    # validation examples give the job's own final validation loss.
+    evaluated = tmp_path / "eval"
+    _run(1, [*tiny, "eval.num_examples=-1", "eval.val_examples=8", f"train.output_dir={evaluated}",
+             "--adapter", str(whole / final)], command="eval")  # fmt: skip
+    result = json.loads((evaluated / "eval_step_0000004.json").read_text())
+    assert result["val_loss"] == pytest.approx(summary["tuned"]["val_loss"], rel=1e-5)
+    _run(1, [*tiny, "eval.num_examples=-1", "eval.val_examples=8", f"train.output_dir={evaluated}"],
+         command="eval")  # fmt: skip
+    base = json.loads((evaluated / "eval_base.json").read_text())
+    assert base["val_loss"] != pytest.approx(result["val_loss"], rel=1e-4)
+
 
 def _main_fails(capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
     import torch.distributed as dist

@@ -28,7 +28,16 @@ from tiedlora_megatron.data.sft import (
     load_jsonl,
     tokenize,
 )
-from tiedlora_megatron.data.tasks import SPLITS, TASKS, TaskSpec, data_dir, get_task, gsm, squad
+from tiedlora_megatron.data.tasks import (
+    SPLITS,
+    TASKS,
+    TaskSpec,
+    data_dir,
+    get_task,
+    gsm,
+    squad,
+    squad_json,
+)
 
 __all__ = [
     "SPLITS",
@@ -49,5 +58,6 @@ __all__ = [
     "numeric_accuracy",
     "score",
     "squad",
+    "squad_json",
     "tokenize",
 ]
