@@ -66,7 +66,12 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
             except BaseException:  # noqa: BLE001 - reported to the parent
                 outbox.put((rank, False, traceback.format_exc()))
     finally:
-        dist.destroy_process_group()
+        # Exit without destroy_process_group: after DDP and optimizer runs gloo's shutdown was
+        # seen spinning for over 30 s per rank, and the process ends here anyway. Flush the
+        # results first: os._exit skips the queue's feeder thread.
+        outbox.close()
+        outbox.join_thread()
+        os._exit(0)
 
 
 class ProcessGroupPool:
