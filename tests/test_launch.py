@@ -533,7 +533,7 @@ def test_config_equals_form_and_matching_fp8_overrides(stubs, workdir):
 
 
 def test_single_node_runs_cpu_job(tmp_path):
-    """launch/single_node.sh starts the fine-tuning job for real: 2 CPU ranks, 2 steps."""
+    """launch/single_node.sh starts the fine-tuning job for real: 2 CPU ranks, TP=2, bf16."""
     from tests.tiny_job import make_tiny_job
 
     config = REPO / "examples" / "configs" / "tiny_gpt.yaml"
@@ -554,6 +554,7 @@ def test_single_node_runs_cpu_job(tmp_path):
             *tiny,
             "train.steps=2",
             "parallel.tp=2",
+            "precision.dtype=bf16",  # Float16Module + fp32 master weights in the optimizer
             "eval.num_examples=-1",
         ],
         env=env,
@@ -566,3 +567,4 @@ def test_single_node_runs_cpu_job(tmp_path):
     assert "step 2/2" in result.stdout, result.stdout[-3000:]
     summary = json.loads((tmp_path / "runs" / "tiny" / "job" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == 2
+    assert 0 < summary["final_train_loss"] < 20 and 0 < summary["tuned"]["val_loss"] < 20

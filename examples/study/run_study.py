@@ -63,8 +63,8 @@ STUDY_KEYS = {
     "train.steps": "--steps",
     "data.task": "--tasks",
     "train.output_dir": "--out",
-    "eval.split": "--select",
-    "eval.before": "the base model's own eval job",
+    "eval.split": "--select (training runs score validation, evaluations test)",
+    "eval.before": "nothing: the base model has its own eval job",
 }
 # A task's needs beyond the base config: the SQuAD config's 24-token answers would cut every worked
 # math solution short, so GSM generates up to its task's own budget.
@@ -83,14 +83,12 @@ class StudyError(RuntimeError):
 
 def parse_targets(spec: str) -> tuple[str, ...]:
     """'qkv', 'qkv+fc1', 'linear_proj' or 'all' as megatron layer names, in canonical order."""
-    wanted = set(SUPPORTED_TARGETS) if spec == "all" else set()
-    if spec != "all":
-        for item in spec.split("+"):
-            name = item if item.startswith("linear_") else f"linear_{item}"
-            if name not in SUPPORTED_TARGETS:
-                raise ConfigError(f"unknown target {item!r} in {spec!r}; use qkv, proj, fc1, fc2")
-            wanted.add(name)
-    return tuple(t for t in SUPPORTED_TARGETS if t in wanted)
+    if spec == "all":
+        return SUPPORTED_TARGETS
+    names = {item if item.startswith("linear_") else f"linear_{item}" for item in spec.split("+")}
+    if not names <= set(SUPPORTED_TARGETS):
+        raise ConfigError(f"unknown target in {spec!r}; use qkv, proj, fc1, fc2 joined by '+'")
+    return tuple(t for t in SUPPORTED_TARGETS if t in names)
 
 
 def targets_name(targets: tuple[str, ...]) -> str:
@@ -105,10 +103,6 @@ def primary_metric(task: str) -> str:
     from tiedlora_megatron.data import get_task
 
     return get_task(task).metrics[-1]
-
-
-def family(preset: str) -> tuple[str, str, str]:
-    return FAMILIES.get(preset.lower(), TIED_FAMILY)
 
 
 @dataclass(frozen=True)
@@ -158,6 +152,7 @@ class Job:
     """One subprocess of the fine-tuning job, done once `result` exists."""
 
     label: str
+    task: str
     command: str  # 'train' or 'eval'
     overrides: tuple[str, ...]
     adapter: Path | None
@@ -223,25 +218,23 @@ class Study:
             *(("eval.num_examples=-1",) if self.select == "val_loss" else ()),
             f"train.output_dir={d}",
         )
-        return Job(f"{s.task}/{d.name} train", "train", overrides, None, d / SUMMARY)
+        return Job(f"{s.task}/{d.name} train", s.task, "train", overrides, None, d / SUMMARY)
 
     def test_job(self, s: Setting, seed: int, lr: float | None) -> Job:
         """Score the chosen run's final checkpoint on the test split."""
         d = self.run_dir(s, seed, lr)
         overrides = (f"data.task={s.task}", "eval.split=test", f"train.output_dir={d}")
-        return Job(
-            f"{s.task}/{d.name} test", "eval", overrides, self.checkpoint(d), self.test_result(d)
-        )
+        label = f"{s.task}/{d.name} test"
+        return Job(label, s.task, "eval", overrides, self.checkpoint(d), self.test_result(d))
 
     def base_job(self, task: str) -> Job:
         d = self.base_dir(task)
         overrides = (f"data.task={task}", "eval.split=test", f"train.output_dir={d}")
-        return Job(f"{task}/base test", "eval", overrides, None, d / BASE_RESULT)
+        return Job(f"{task}/base test", task, "eval", overrides, None, d / BASE_RESULT)
 
     def job_overrides(self, job: Job) -> list[str]:
         """The job's overrides, then its task's, then the caller's (which win)."""
-        task = job.overrides[0].removeprefix("data.task=")
-        return [*job.overrides, *TASK_OVERRIDES.get(task, ()), *self.overrides]
+        return [*job.overrides, *TASK_OVERRIDES.get(job.task, ()), *self.overrides]
 
     def argv(self, job: Job) -> list[str]:
         """The command as printed (`torchrun`, or `python` for one rank)."""
@@ -263,11 +256,14 @@ class Study:
 
     def score(self, s: Setting, lr: float) -> float | None:
         """A sweep run's validation score (None until it has finished)."""
-        summary = read_json(self.run_dir(s, s.seeds[0], lr) / SUMMARY)
+        path = self.run_dir(s, s.seeds[0], lr) / SUMMARY
+        summary = read_json(path)
         if summary is None:
             return None
         key = "val_loss" if self.select == "val_loss" else primary_metric(s.task)
-        return float(summary["tuned"].get(key, math.nan))
+        if key not in summary["tuned"]:  # a sweep run for --select val_loss generates nothing
+            raise StudyError(f"{path} has no validation {key}; use --select val_loss")
+        return float(summary["tuned"][key])
 
     def chosen_lr(self, s: Setting) -> float | None:
         """The sweep's best LR on validation (a diverged run ranks last); None until every sweep
@@ -339,8 +335,8 @@ def run_job(study: Study, job: Job) -> None:
     print(f"  done in {format_seconds(time.perf_counter() - t0)}", flush=True)
 
 
-def execute(study: Study, jobs: Iterator[Job], only: int | None) -> int:
-    """Run every unfinished job in order (at most `only`); returns how many ran."""
+def execute(study: Study, jobs: Iterator[Job], only: int | None) -> None:
+    """Run every unfinished job in order, at most `only` of them."""
     ran = 0
     for job in jobs:
         if job.result.is_file():
@@ -353,7 +349,6 @@ def execute(study: Study, jobs: Iterator[Job], only: int | None) -> int:
         else:
             run_job(study, job)
             ran += 1
-    return ran
 
 
 def print_plan(study: Study, jobs: Iterator[Job], sec_per_step: float) -> None:
@@ -546,7 +541,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
         for r in rows:
             if r["preset"] == "base" or r.get(metric) is None:
                 continue
-            name, marker, colour = family(r["preset"])
+            name, marker, colour = FAMILIES.get(r["preset"].lower(), TIED_FAMILY)
             x, y = r["trainable_parameters"], r[metric]
             ax.scatter(x, y, marker=marker, color=colour, label=None if name in legend else name)
             legend.add(name)
@@ -691,19 +686,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     jobs = study.jobs(args.tasks, settings, args.match or [])
-    if args.dry_run:
-        print_plan(study, jobs, args.sec_per_step)
-        return 0
     status = 0
     try:
+        if args.dry_run:
+            print_plan(study, jobs, args.sec_per_step)
+            return 0
         if not args.report_only:
             execute(study, jobs, args.only)
     except StudyError as e:
         print(f"run_study: {e}", file=sys.stderr)
         status = 1
-    finally:
+    try:  # also after a failure: the report shows how far the study got
         rows = write_report(study, args.tasks, settings, cfg)
         write_commands(study, args.tasks, settings)
+    except StudyError as e:
+        print(f"run_study: {e}", file=sys.stderr)
+        return 1
     print(f"{len(rows)} results in {study.out / 'results.md'} (and results.csv, commands.sh)")
     return status
 
