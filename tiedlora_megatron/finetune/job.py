@@ -356,8 +356,16 @@ def generate_predictions(chunks, examples: list, cfg: JobConfig, rt: Runtime, to
     mine: dict[int, str] = {}
     for m in raw:
         m.eval()
+    began = last = time.perf_counter()
     try:
         for start in range(0, len(order), cfg.eval.batch_size):
+            if time.perf_counter() - last > 10:  # a line every ~10 s; rank 0's shard stands for all
+                last = time.perf_counter()
+                rate = start / (last - began)
+                log(
+                    f"generating answers: {start}/{len(order)} (rank 0's share), "
+                    f"{rate:.2f}/s, ETA {format_seconds((len(order) - start) / rate)}"
+                )
             idx = order[start : start + cfg.eval.batch_size]
             outs = generate(
                 raw,
