@@ -60,8 +60,6 @@ def _params(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """Single-process (TP = PP = 1): load the HF base and the adapter checkpoint, then export."""
-    import socket
-
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -70,13 +68,12 @@ def _export(args: argparse.Namespace) -> int:
     from tiedlora_megatron.checkpoint import CheckpointError, load_adapter_checkpoint, read_metadata
     from tiedlora_megatron.export import ExportError, export_merged_hf, export_peft
     from tiedlora_megatron.models import load_hf_model
-    from tiedlora_megatron.runtime import enable_cpu_runtime
+    from tiedlora_megatron.runtime import enable_cpu_runtime, free_port
 
     enable_cpu_runtime()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
     try:
         ps.initialize_model_parallel(1, 1)
         model_parallel_cuda_manual_seed(1234)

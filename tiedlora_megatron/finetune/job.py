@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,24 +50,18 @@ class Runtime:
     dp_size: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(cfg: JobConfig) -> Runtime:
     """Process group (gloo on CPU, NCCL on GPU) and megatron's parallel state for `cfg`."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from tiedlora_megatron.runtime import enable_cpu_runtime
+    from tiedlora_megatron.runtime import enable_cpu_runtime, free_port
 
     cpu = enable_cpu_runtime()
     if "RANK" not in os.environ:  # plain `python -m ...`: a world of one
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
+            MASTER_PORT=str(free_port()),
         )  # fmt: skip
     if cpu:
         device = torch.device("cpu")
@@ -153,6 +146,8 @@ def wrap_for_training(cfg: JobConfig, chunks: list[nn.Module], rt: Runtime) -> l
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
+    from tiedlora_megatron import finalize_model_grads
+
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -168,8 +163,6 @@ def wrap_for_training(cfg: JobConfig, chunks: list[nn.Module], rt: Runtime) -> l
         )
         wrapped[-1].train()
     config = chunks[0].config
-    from tiedlora_megatron import finalize_model_grads
-
     config.finalize_model_grads_func = finalize_model_grads
     if cfg.parallel.overlap_grad_reduce:
         sync = [c.no_sync for c in wrapped]
@@ -265,7 +258,7 @@ def _pad_length(samples: Sequence, cfg: JobConfig) -> int:
         return cfg.data.seq_length
     if cfg.parallel.pp > 1:
         return cfg.data.max_length
-    longest = max(len(s.prompt_ids) + len(s.answer_ids) - 1 for s in samples)
+    longest = max(s.length - 1 for s in samples)
     multiple = cfg.parallel.tp if cfg.parallel.sp else 1
     return -(-longest // multiple) * multiple
 
@@ -495,7 +488,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
         f"({train_split.dropped} over {cfg.data.max_length} tokens dropped)"
     )
     schedule = BatchSchedule(
-        [len(s.prompt_ids) + len(s.answer_ids) for s in train_split.samples],
+        [s.length for s in train_split.samples],
         cfg.train.global_batch,
         seed=cfg.data.seed,
         bucket=cfg.data.bucket,
@@ -544,8 +537,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             total = reduce_losses(out, rt.device)
             last_loss = float(total[0] / total[1])
             tokens = sum(
-                len(train_split.samples[i].prompt_ids) + len(train_split.samples[i].answer_ids)
-                for i in schedule.global_batch_indices(step - 1)
+                train_split.samples[i].length for i in schedule.global_batch_indices(step - 1)
             )
             values = {"loss": last_loss, "lr": lr, "grad_norm": float(grad_norm or 0.0)}
             scalars.add(step, {**values, "tokens": tokens})

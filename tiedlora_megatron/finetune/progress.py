@@ -8,15 +8,12 @@ event files in the same directory.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-
-logger = logging.getLogger("tiedlora_megatron.finetune")
 
 
 def is_rank0() -> bool:
