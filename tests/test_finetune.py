@@ -9,6 +9,7 @@ Config mistakes must fail before any process group exists.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -157,3 +158,68 @@ def test_show_prints_resolved_config(tiny: list[str], capsys: pytest.CaptureFixt
     assert shown["adapter"]["target_modules"] == ["linear_qkv"]
     assert shown["train"]["micro_batch"] == 2  # from the YAML
     assert shown["optim"]["adam_beta2"] == 0.999  # a default
+
+
+def test_te_spec_from_a_megatron_checkpoint_is_refused(
+    tiny: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    args = ["model.source=megatron", "model.path=/nonexistent", "model.spec=te"]
+    _main_fails(
+        capsys, ["train", "--config", str(CONFIG), *tiny, *args], "loads onto model.spec=local"
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformer_engine") is not None, reason="TE is installed"
+)
+def test_te_spec_without_te_is_refused(tiny: list[str], capsys: pytest.CaptureFixture) -> None:
+    _main_fails(
+        capsys,
+        ["train", "--config", str(CONFIG), *tiny, "model.spec=te"],
+        "model.spec=te needs Transformer Engine, which is not installed here",
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "length"),
+    [
+        ([], 37),  # the longest sample's inputs: 38 tokens less the last
+        (["parallel.tp=2", "parallel.sp=true"], 38),  # each TP rank holds length / 2 tokens
+        (["precision.fp8=hybrid"], 48),  # FP8 GEMMs take tokens in multiples of 16
+        (["precision.fp8=hybrid", "parallel.tp=2", "parallel.sp=true"], 64),  # 32 per rank
+        (["parallel.pp=2", "data.max_length=100"], 100),  # fixed under PP
+        (["parallel.pp=2", "data.max_length=100", "precision.fp8=hybrid"], 112),
+    ],
+)
+def test_micro_batch_length(overrides: list[str], length: int) -> None:
+    from tiedlora_megatron.data.sft import Sample
+    from tiedlora_megatron.finetune.config import load_job_config
+    from tiedlora_megatron.finetune.job import _pad_length
+
+    cfg = load_job_config(CONFIG, overrides)
+    samples = [Sample(tuple(range(n - 4)), (1, 2, 3, 4), i) for i, n in enumerate((20, 38, 9))]
+    assert _pad_length(samples, cfg) == length
+
+
+def test_answers_are_generated_without_fp8() -> None:
+    """megatron enters FP8 per forward from config.fp8; generation clears it, then restores it
+    (also when generation fails)."""
+    from megatron.core.transformer import TransformerConfig
+
+    from tiedlora_megatron.finetune.job import fp8_disabled
+
+    def config() -> TransformerConfig:
+        c = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2)
+        c.fp8 = "hybrid"  # set after construction: TransformerConfig checks TE for FP8
+        return c
+
+    shared, other = config(), config()
+    chunk = torch.nn.Sequential(torch.nn.Module(), torch.nn.Module(), torch.nn.Linear(2, 2))
+    chunk.config = shared
+    chunk[0].config, chunk[1].config = shared, other
+    with fp8_disabled([chunk]):
+        assert shared.fp8 is None and other.fp8 is None
+    assert shared.fp8 == "hybrid" and other.fp8 == "hybrid"
+    with pytest.raises(RuntimeError, match="generation failed"), fp8_disabled([chunk]):
+        raise RuntimeError("generation failed")
+    assert shared.fp8 == "hybrid" and other.fp8 == "hybrid"

@@ -1,6 +1,9 @@
-"""Adapters on megatron-core's Transformer Engine layers, without Transformer Engine.
+"""The adapter's numerics on megatron-core's Transformer Engine layers, without TE.
 
-TE cannot be installed on CPU machines, so the TE layers are stand-ins: classes with the names
+TE cannot be installed on CPU machines. tests/test_te_contract.py checks the TE path's pieces
+against megatron-core's own TE source without any stand-in; this module checks what those pieces
+add up to - the adapter's outputs and gradients through its forward hook, tensor-parallel
+communication included - on layers that emulate TE's contract: classes with the names
 and module of megatron-core's TE wrappers (which is how the adapter recognises them) that
 emulate TE's `Linear` / `LayerNormLinear` under megatron's wrapper exactly as documented in
 `tiedlora_megatron.te` and `layouts.split_output`: the same sharding, tensor-parallel

@@ -19,8 +19,9 @@ from torch import nn
 from tiedlora_megatron.adapter import TiedLoRAAdapter
 from tiedlora_megatron.config import ConfigError, TiedLoRAConfig
 from tiedlora_megatron.factors import BANK_ATTR, LowRankFactors, TiedFactorBank
-from tiedlora_megatron.layouts import describe_linear
+from tiedlora_megatron.layouts import UnsupportedLayerError, describe_linear
 from tiedlora_megatron.pipeline import mark_tied_replicas, pipeline_rank_and_group
+from tiedlora_megatron.te import is_fused_te_mlp, te_layer_name
 
 #: Suffix of the attribute under which a layer's parent holds the layer's adapter.
 ADAPTER_SUFFIX = "_adapter"
@@ -142,10 +143,18 @@ def _find_targets(chunks: list[nn.Module], config: TiedLoRAConfig) -> list[_Targ
     for ci, chunk in enumerate(chunks):
         for name, module in chunk.named_modules():
             attr = name.rsplit(".", 1)[-1]
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or te_layer_name(
+                module
+            ):
                 linear_names.add(attr)
             if attr in config.target_modules:
                 parent = chunk.get_submodule(name.rsplit(".", 1)[0]) if "." in name else chunk
+                if is_fused_te_mlp(parent):
+                    raise UnsupportedLayerError(
+                        f"{name}: megatron's TEFusedMLP (use_te_op_fuser=True) runs its layers "
+                        "as fused TE ops without calling their forward, so an adapter on them "
+                        "would never run; build the model with use_te_op_fuser=False"
+                    )
                 targets.append(_Target(ci, name, attr, module, parent))
     missing = [t for t in config.target_modules if t not in {x.kind for x in targets}]
     if missing:

@@ -175,39 +175,66 @@ def _read_local_linear(module: nn.Module, name: str) -> tuple[Parallelism, dict[
 def _read_te_linear(
     module: nn.Module, name: str, te_name: str
 ) -> tuple[Parallelism, dict[str, Any]]:
-    """(parallelism, LinearLayout fields) of one of megatron-core's TE linear wrappers.
-
-    TE keeps the global input size of a column layer and the global output size of a row layer;
-    the other is this rank's shard. Its tensor-parallel size is checked against its group.
-    """
+    """(parallelism, LinearLayout fields) of one of megatron-core's TE linear wrappers."""
     if te_name in UNSUPPORTED_TE_LAYERS:
         raise UnsupportedLayerError(f"{name}: {te_name}: {UNSUPPORTED_TE_LAYERS[te_name]}")
     require_te()
+    parallel, fields = te_layout_fields(
+        te_name,
+        name,
+        parallel_mode=module.parallel_mode,
+        in_features=module.in_features,
+        out_features=module.out_features,
+        tp_size=module.tp_size,
+        returns_norm_output=bool(
+            getattr(module, "return_layernorm_output", False)
+            or getattr(module, "return_layernorm_output_gathered", False)
+        ),
+    )
+    return parallel, dict(fields, tp_group=module.tp_group)
+
+
+def te_layout_fields(
+    te_name: str,
+    name: str,
+    *,
+    parallel_mode: str | None,
+    in_features: int,
+    out_features: int,
+    tp_size: int,
+    returns_norm_output: bool = False,
+) -> tuple[Parallelism, dict[str, Any]]:
+    """(parallelism, LinearLayout fields but the group) of the supported TE wrapper `te_name`
+    at module path `name`, from the attributes TE keeps on the layer.
+
+    TE keeps the global input size of a column layer and the global output size of a row layer;
+    the other is this rank's shard.
+    """
+    if te_name not in SUPPORTED_TE_LAYERS:
+        raise UnsupportedLayerError(
+            f"{name}: {te_name}: {UNSUPPORTED_TE_LAYERS.get(te_name, 'not a TE linear wrapper')}"
+        )
     parallel = SUPPORTED_TE_LAYERS[te_name]
-    if module.parallel_mode != parallel:
+    if parallel_mode != parallel:
         # megatron builds expert layers under TP or EP with parallel_mode=None (it communicates
         # for them itself); anything but the wrapper's own mode is a layout the adapter can't read.
         raise UnsupportedLayerError(
-            f"{name}: {te_name} with parallel_mode={module.parallel_mode!r} is not supported "
+            f"{name}: {te_name} with parallel_mode={parallel_mode!r} is not supported "
             f"(expected {parallel!r}; expert layers are not supported)"
         )
     if ".experts." in f".{name}.":
-        raise UnsupportedLayerError(f"{name}: expert (MoE) layers are not supported")
+        raise UnsupportedLayerError(f"{name}: {te_name}: expert (MoE) layers are not supported")
     normalizes_input = te_name == NORM_FUSED_TE_LAYER
-    if normalizes_input and (
-        getattr(module, "return_layernorm_output", False)
-        or getattr(module, "return_layernorm_output_gathered", False)
-    ):
+    if normalizes_input and returns_norm_output:
         raise UnsupportedLayerError(
             f"{name}: {te_name} already returns its norm's output (return_layernorm_output); "
             "the adapter needs the layer's plain (output, bias) return form to start from"
         )
-    tp_size = int(module.tp_size)
+    tp_size = int(tp_size)
     column = parallel == "column"
     return parallel, dict(
-        in_features=module.in_features * (1 if column else tp_size),
-        out_features=module.out_features * (tp_size if column else 1),
-        tp_group=module.tp_group,
+        in_features=in_features * (1 if column else tp_size),
+        out_features=out_features * (tp_size if column else 1),
         tp_size=tp_size,
         normalizes_input=normalizes_input,
     )

@@ -8,7 +8,9 @@ are partial sums: `finalize_model_grads` sums grads over the TP group for params
 LayerNorm/RMSNorm (same state-dict keys as `WrappedTorchNorm`) with that mark.
 
 Use `gpt_block_spec(config, vp_stage=...)` as `GPTModel(transformer_layer_spec=...)` to get the
-final norm too; `gpt_layer_spec()` is the per-layer spec.
+final norm too; `gpt_layer_spec()` is the per-layer spec. `te_gpt_block_spec` is megatron-core's
+own Transformer Engine block spec (TE handles sequence parallel norms itself), behind a clear
+error where TE is missing.
 """
 
 from __future__ import annotations
@@ -103,4 +105,21 @@ def gpt_block_spec(
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * num_layers, layer_norm=SequenceParallelNorm
+    )
+
+
+def te_gpt_block_spec(
+    config: TransformerConfig, normalization: str | None = None, vp_stage: int | None = None
+) -> TransformerBlockSubmodules:
+    """megatron-core's Transformer Engine GPT block spec for this pipeline stage (dense layers:
+    TELayerNormColumnParallelLinear for linear_qkv and linear_fc1, TERowParallelLinear for
+    linear_proj and linear_fc2, a TENorm final norm). Raises
+    te.TransformerEngineUnavailableError when TE is missing or too old."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from tiedlora_megatron.te import require_te
+
+    require_te()
+    return get_gpt_decoder_block_spec(
+        config, use_transformer_engine=True, normalization=normalization, vp_stage=vp_stage
     )

@@ -17,6 +17,7 @@ What the adapter relies on from TE, read from TE's 1.x and 2.x sources (`LayerNo
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from typing import Literal
 
 from packaging.version import Version
@@ -39,6 +40,10 @@ SUPPORTED_TE_LAYERS: dict[str, Literal["column", "row"]] = {
 
 #: The TE linear layer that fuses the input norm: the adapter's input is its normalised input.
 NORM_FUSED_TE_LAYER = "TELayerNormColumnParallelLinear"
+
+#: megatron-core's MLP that runs its layers as fused TE ops (`use_te_op_fuser=True`): it reads the
+#: layers' weights but never calls their forward, so an adapter on them would never run.
+FUSED_TE_MLP = "TEFusedMLP"
 
 #: megatron-core's TE linear layers the adapter refuses, and why.
 UNSUPPORTED_TE_LAYERS: dict[str, Literal["column", "row"]] = {
@@ -80,10 +85,27 @@ def require_te() -> Version:
 
 
 def te_layer_name(module: nn.Module) -> str | None:
-    """The megatron-core TE linear wrapper `module` is (or subclasses), most derived first;
-    None for any other module."""
-    known = SUPPORTED_TE_LAYERS.keys() | UNSUPPORTED_TE_LAYERS.keys()
-    for cls in type(module).__mro__:
-        if cls.__module__ == TE_WRAPPER_MODULE and cls.__qualname__ in known:
-            return cls.__qualname__
+    """The megatron-core TE linear wrapper `module` is (or subclasses); None for any other
+    module."""
+    return te_class_in_mro(_mro_names(module), SUPPORTED_TE_LAYERS.keys() | UNSUPPORTED_TE_LAYERS)
+
+
+def is_fused_te_mlp(module: nn.Module) -> bool:
+    """Whether `module` is (or subclasses) megatron-core's TEFusedMLP."""
+    return te_class_in_mro(_mro_names(module), {FUSED_TE_MLP}) is not None
+
+
+def te_class_in_mro(mro: Iterable[tuple[str, str]], names: Collection[str]) -> str | None:
+    """The first of megatron-core's TE classes `names` in `mro`, a class's (module, qualified
+    name) pairs, most derived first; None when there is none.
+
+    By name, so that recognising a TE class never imports TE: a class counts only where
+    megatron-core's TE module defines it, never a same-named class elsewhere."""
+    for module_name, qualname in mro:
+        if module_name == TE_WRAPPER_MODULE and qualname in names:
+            return qualname
     return None
+
+
+def _mro_names(module: nn.Module) -> list[tuple[str, str]]:
+    return [(cls.__module__, cls.__qualname__) for cls in type(module).__mro__]

@@ -263,7 +263,7 @@ def main() -> int:
         print(f"TE {require_te()}, TP={tp}, sequence parallel={tp > 1}, {device}")
         width = max(len(r[0]) for r in rows)
         for name, value, bound, ok in rows:
-            print(f"{'ok  ' if ok else 'FAIL'} {name:<{width}}  {value:>16}  {bound}")
+            print(f"{'PASS' if ok else 'FAIL'} {name:<{width}}  {value:>16}  {bound}")
     failed = not all(r[3] for r in rows)
     dist.destroy_process_group()
     return int(failed)

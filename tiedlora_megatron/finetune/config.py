@@ -341,6 +341,11 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = 
     _choice(ev.split, ("test", "validation"), "eval.split")
     if pr.fp8 is not None and m.spec != "te":
         raise ConfigError("precision.fp8 needs model.spec=te (FP8 runs in Transformer Engine)")
+    if m.spec == "te" and m.source == "megatron":
+        raise ConfigError(
+            "model.spec=te builds the TE spec from HF, GGUF or SmolLM2 weights; a megatron "
+            "checkpoint (model.source=megatron) loads onto model.spec=local only"
+        )
     if m.spec == "te" and not te_available():
         raise ConfigError(
             "model.spec=te needs Transformer Engine, which is not installed here; "

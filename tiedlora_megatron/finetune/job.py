@@ -12,12 +12,13 @@ adapter checkpoints hold the optimizer and scheduler state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,18 +121,14 @@ def load_base(cfg: JobConfig):
     from tiedlora_megatron import models
 
     m, dtype, over = cfg.model, _dtype(cfg), _config_overrides(cfg)
-    if m.spec != "local":
-        raise ConfigError(
-            "model.spec=te: the pretrained-model loaders map weights onto the local spec only"
-        )
     if m.source == "smollm2":
-        chunks, info = models.load_smollm2(dtype, over)
+        chunks, info = models.load_smollm2(dtype, over, m.spec)
         tokenizer_path = m.tokenizer or models.default_smollm2_path()
     elif m.source == "hf":
-        chunks, info = models.load_hf_model(m.path, dtype, over)
+        chunks, info = models.load_hf_model(m.path, dtype, over, m.spec)
         tokenizer_path = m.tokenizer or m.path
     elif m.source == "gguf":
-        chunks, info = models.load_gguf_model(m.path, dtype, over)
+        chunks, info = models.load_gguf_model(m.path, dtype, over, m.spec)
         tokenizer_path = m.tokenizer or m.path
     else:
         chunks, info = models.load_megatron_model(m.path, dtype, config_overrides=over)
@@ -252,15 +249,21 @@ def load_splits_rank0_first(cfg: JobConfig, tokenizer, names: Sequence[str]) -> 
     return splits if splits is not None else load_splits(cfg, tokenizer, names)
 
 
+#: FP8 GEMMs need the token count of every TE layer's input to be a multiple of this.
+FP8_TOKEN_MULTIPLE = 16
+
+
 def _pad_length(samples: Sequence, cfg: JobConfig) -> int:
-    """The padded length of a micro-batch: fixed with PP, a multiple of TP with SP."""
+    """The padded length of a micro-batch: fixed with PP, a multiple of TP with SP (each rank
+    holds length / TP tokens), and with FP8 such that every rank's tokens fill FP8's GEMM tiles."""
     if cfg.data.seq_length is not None:
         return cfg.data.seq_length
-    if cfg.parallel.pp > 1:
-        return cfg.data.max_length
-    longest = max(s.length - 1 for s in samples)
+    pp = cfg.parallel.pp > 1
+    length = cfg.data.max_length if pp else max(s.length - 1 for s in samples)
     multiple = cfg.parallel.tp if cfg.parallel.sp else 1
-    return -(-longest // multiple) * multiple
+    if cfg.precision.fp8 is not None:
+        multiple *= FP8_TOKEN_MULTIPLE
+    return -(-length // multiple) * multiple
 
 
 def micro_batches(
@@ -379,6 +382,29 @@ def generate_predictions(chunks, examples: list, cfg: JobConfig, rt: Runtime, to
     return [merged[i] for i in range(len(samples))]
 
 
+@contextlib.contextmanager
+def fp8_disabled(chunks: Sequence[nn.Module]) -> Iterator[None]:
+    """Run `chunks` without FP8 inside the block: greedy decoding feeds TE one token per
+    sequence, too few for FP8's GEMM tiles, and scoring answers needs no FP8 speed. megatron
+    enters FP8 per forward from `config.fp8`, so clearing it on the models' configs suffices."""
+    from megatron.core.transformer import TransformerConfig
+
+    configs = {
+        id(c): c
+        for chunk in chunks
+        for module in chunk.modules()
+        if isinstance(c := getattr(module, "config", None), TransformerConfig)
+    }
+    saved = {key: c.fp8 for key, c in configs.items()}
+    for c in configs.values():
+        c.fp8 = None
+    try:
+        yield
+    finally:
+        for key, c in configs.items():
+            c.fp8 = saved[key]
+
+
 def evaluate(model, splits: dict[str, Split], cfg: JobConfig, rt: Runtime, tokenizer) -> dict:
     """Validation loss and, unless disabled, task metrics on generated answers."""
     from tiedlora_megatron.data import get_task, score
@@ -392,7 +418,8 @@ def evaluate(model, splits: dict[str, Split], cfg: JobConfig, rt: Runtime, token
         if cfg.eval.num_examples:
             examples = examples[: cfg.eval.num_examples]
         task = get_task(cfg.data.task) if cfg.data.task else None
-        preds = generate_predictions(model, examples, cfg, rt, tokenizer, task)
+        with fp8_disabled(model):
+            preds = generate_predictions(model, examples, cfg, rt, tokenizer, task)
         refs = [list(e.references) or [e.answer] for e in examples]
         # JSONL data without a task is scored like short-answer QA: exact match and F1.
         metrics = score(cfg.data.task or "squad", preds, refs)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+#: megatron-core layer spec a model is built on: local (plain torch) or Transformer Engine.
+LayerSpec = Literal["local", "te"]
 
 # megatron-LM pads the vocabulary to a multiple of this times TP; we do the same, but only when
 # the real vocabulary does not already split evenly.
@@ -163,17 +165,24 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     padded_vocab_size: int | None = None,
     config_overrides: dict[str, Any] | None = None,
+    spec: LayerSpec = "local",
 ) -> list:
     """Uninitialised GPTModel chunks for this rank (one per virtual pipeline stage).
 
     TP / PP / virtual-PP sizes come from megatron's `parallel_state`, which must be initialised.
     `padded_vocab_size` fixes the embedding rows (a checkpoint's), instead of padding for TP.
-    `config_overrides` are extra TransformerConfig fields (see `transformer_config`).
+    `config_overrides` are extra TransformerConfig fields (see `transformer_config`). `spec` is
+    megatron-core's local spec (`spec.gpt_block_spec`) or its Transformer Engine spec
+    (`spec.te_gpt_block_spec`; the weight loaders fill both alike).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from tiedlora_megatron.spec import gpt_block_spec
+    from tiedlora_megatron.spec import gpt_block_spec, te_gpt_block_spec
+
+    if spec not in ("local", "te"):
+        raise ValueError(f"spec must be 'local' or 'te', not {spec!r}")
+    block_spec = te_gpt_block_spec if spec == "te" else gpt_block_spec
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -192,7 +201,7 @@ def build_model(
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=gpt_block_spec(
+                transformer_layer_spec=block_spec(
                     config, normalization=arch.normalization, vp_stage=vp_stage
                 ),
                 vocab_size=vocab,

