@@ -434,6 +434,29 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
+def machine() -> str:
+    """The hardware and software the study ran on, for the report's header."""
+    import platform
+
+    import megatron.core
+    import torch
+
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.is_file():
+            names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                     if ln.startswith("model name")]  # fmt: skip
+            cpu = names[0] if names else cpu
+        device = f"CPU {cpu}, {os.cpu_count()} cores"
+    return (
+        f"Machine: {device}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"megatron-core {megatron.core.__version__}."
+    )
+
+
 def describe(study: Study, cfg: JobConfig) -> str:
     """The budget every method shares, for the report's header."""
     t, o, d = cfg.train, cfg.optim, cfg.data
@@ -483,7 +506,7 @@ def write_report(
         writer.writeheader()
         writer.writerows(rows)
 
-    parts = ["# Tied-LoRA trade-off study", "", describe(study, cfg)]
+    parts = ["# Tied-LoRA trade-off study", "", describe(study, cfg), "", machine()]
     for task in tasks:
         task_rows = [r for r in rows if r["task"] == task]
         keys = [*COLUMNS, *get_task(task).metrics, "test_examples", "train_seconds"]
