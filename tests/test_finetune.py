@@ -223,3 +223,35 @@ def test_answers_are_generated_without_fp8() -> None:
     with pytest.raises(RuntimeError, match="generation failed"), fp8_disabled([chunk]):
         raise RuntimeError("generation failed")
     assert shared.fp8 == "hybrid" and other.fp8 == "hybrid"
+
+
+def test_generation_batches() -> None:
+    from tiedlora_megatron.finetune.job import generation_batches
+
+    lengths = [5, 5, 7, 5, 7, 9]
+    order = [0, 1, 3, 2, 4, 5]  # sorted by length, as the job sorts them
+    assert generation_batches(order, lengths, 2, False) == [[0, 1], [3, 2], [4, 5]]
+    # TE spec: no batch mixes lengths (its attention would attend to the left padding).
+    assert generation_batches(order, lengths, 2, True) == [[0, 1], [3], [2, 4], [5]]
+    assert generation_batches([], lengths, 2, True) == []
+
+
+def test_fp8_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from packaging.version import Version
+
+    from tiedlora_megatron.config import ConfigError
+    from tiedlora_megatron.finetune import config as job_config
+
+    monkeypatch.setattr(job_config, "te_available", lambda: True)
+    monkeypatch.setattr("tiedlora_megatron.te.te_version", lambda: Version("2.1.0"))
+    fp8 = ["model.spec=te", "precision.fp8=hybrid"]
+
+    def check(overrides: list[str], world: int = 1) -> None:
+        cfg = job_config.load_job_config(CONFIG, [*fp8, *overrides])
+        job_config.validate(cfg, world_size=world, check_model=False)
+
+    with pytest.raises(ConfigError, match="data.seq_length=40 must be a multiple of 32 under FP8"):
+        check(["data.seq_length=40", "parallel.tp=2", "parallel.sp=true"], world=2)
+    with pytest.raises(ConfigError, match="tensorwise needs Transformer Engine >= 2.2, found 2.1"):
+        check(["precision.fp8_recipe=tensorwise"])
+    check(["data.seq_length=64", "parallel.tp=2", "parallel.sp=true"], world=2)  # valid

@@ -244,6 +244,49 @@ def test_logits_and_greedy_match_transformers_tp2_pp2(pool4, hf_dir):
     _check_parity(pool4.run(_parity, hf_dir, 2, 2, None), hf_dir)
 
 
+def _load_with_empty_biases(root: str) -> dict[str, bool]:
+    """Load llama_gqa (no linear biases) at TP 2 twice: as megatron's local layers keep a missing
+    bias (None), and as Transformer Engine's do (an empty tensor). Per parameter: equal?"""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from tiedlora_megatron.models import build_model, load_hf_model
+    from tiedlora_megatron.models.hf import (
+        SafetensorsSource,
+        arch_from_hf_config,
+        model_dir,
+        read_hf_config,
+    )
+    from tiedlora_megatron.models.weights import load_weights
+
+    path = model_dir(Path(root) / "llama_gqa")
+    _init(2, 1)
+    try:
+        (want,), _ = load_hf_model(path)
+        arch = arch_from_hf_config(read_hf_config(path))
+        (got,) = build_model(arch)
+        linears = [
+            m for m in got.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+        ]
+        for m in linears:
+            assert m.bias is None
+            m.bias = torch.nn.Parameter(torch.empty(0))
+        load_weights([got], arch, SafetensorsSource(path, arch), str(path))
+        wanted = dict(want.named_parameters())
+        return {
+            n: bool(torch.equal(p, wanted[n])) for n, p in got.named_parameters() if p.numel() > 0
+        } | {"empty biases": len(linears) > 0}
+    finally:
+        ps.destroy_model_parallel()
+
+
+def test_empty_te_style_biases_are_no_biases(pool, hf_dir):
+    """TE keeps an empty tensor for a layer built without bias: the loader must neither ask the
+    checkpoint for such a bias nor count it as unfilled."""
+    for result in pool.run(_load_with_empty_biases, hf_dir):
+        assert result and all(result.values()), [n for n, ok in result.items() if not ok]
+
+
 def _sampling(root: str) -> tuple[list, list, list]:
     from megatron.core import parallel_state as ps
 

@@ -10,6 +10,8 @@ TE, and what its `forward` returns. Against it:
   from TE's local ones at TP 1, 2 and 4 (hand-derived), and every refusal;
 - return-value normalisation (`layouts.split_output`): every return form TE's `Linear` and
   `LayerNormLinear` produce under megatron-core's wrapper is split into the same tensor objects.
+  The wrapper's half of each form is read from megatron-core's source; TE's half (what its
+  modules' `forward` returns) is transcribed from TE 2.x's source, which cannot be imported here.
 What needs TE itself is in tests/gpu/check_te.py; tests/test_te_layers.py checks the adapter's
 numerics on layers that reproduce TE's documented contract.
 """
@@ -281,3 +283,18 @@ def test_te_block_spec_without_te_says_so():
     config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2)
     with pytest.raises(te.TransformerEngineUnavailableError, match="not installed"):
         te_gpt_block_spec(config)
+
+
+def test_megatron_enters_fp8_per_forward_from_config():
+    """The job turns FP8 off for generation by clearing `config.fp8` (finetune.job.fp8_disabled);
+    that works because megatron-core's TransformerBlock reads it in every forward."""
+    spec = importlib.util.find_spec("megatron.core")
+    assert spec is not None and spec.submodule_search_locations
+    path = Path(spec.submodule_search_locations[0]) / "transformer" / "transformer_block.py"
+    tree = ast.parse(path.read_text())
+    block = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "TransformerBlock"
+    )
+    forward = next(n for n in block.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    reads = [ast.unparse(n) for n in ast.walk(forward) if isinstance(n, ast.Attribute)]
+    assert "self.config.fp8" in reads

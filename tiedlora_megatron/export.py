@@ -433,8 +433,10 @@ _TOKENIZER_FILES = (
 
 
 def _norm_tensors(norm: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    from tiedlora_megatron.models.weights import bias_of
+
     out = {name: norm.weight.detach()}
-    if getattr(norm, "bias", None) is not None:
+    if bias_of(norm) is not None:
         out[f"{name}_bias"] = norm.bias.detach()
     return out
 
@@ -455,7 +457,7 @@ def _layer_tensors(
     layer: nn.Module, arch: GPTArch, adapter_of: dict[int, TiedLoRAAdapter]
 ) -> dict[str, torch.Tensor]:
     """Logical tensors ([out, in]) of one transformer layer, gathered, with ΔW folded in."""
-    from tiedlora_megatron.models.weights import norm_param_names
+    from tiedlora_megatron.models.weights import bias_of, norm_param_names
 
     p = f"layers.{layer.layer_number - 1}."
     attn, mlp = layer.self_attention, layer.mlp
@@ -482,7 +484,7 @@ def _layer_tensors(
         column = layout.parallel == "column"
         full = _gather(weight, layout, 0 if column else 1)
         pieces = _pieces(kind, full, arch)
-        bias = module.bias
+        bias = bias_of(module)
         if bias is not None:
             full_bias = _gather(bias.detach(), layout, 0) if column else bias.detach()
             pieces.update({f"{k}_bias": v for k, v in _pieces(kind, full_bias, arch).items()})

@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packaging.version import Version
+
 from tiedlora_megatron.config import ConfigError, TiedLoRAConfig
 
 MODEL_SOURCES = ("smollm2", "hf", "gguf", "megatron")
 DTYPES = ("fp32", "bf16")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise")
+#: FP8 GEMMs need the token count of every TE layer's input to be a multiple of this.
+FP8_TOKEN_MULTIPLE = 16
+#: The first Transformer Engine release with current (tensorwise) FP8 scaling.
+TENSORWISE_MIN_TE = "2.2"
 
 
 @dataclass
@@ -351,6 +357,15 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = 
             "model.spec=te needs Transformer Engine, which is not installed here; "
             "use model.spec=local (and precision.fp8=null) or install transformer_engine[pytorch]"
         )
+    if m.spec == "te" and pr.fp8 is not None and pr.fp8_recipe == "tensorwise":
+        from tiedlora_megatron.te import te_version
+
+        version = te_version()
+        if version is not None and version < Version(TENSORWISE_MIN_TE):
+            raise ConfigError(
+                f"precision.fp8_recipe=tensorwise needs Transformer Engine >= "
+                f"{TENSORWISE_MIN_TE}, found {version}; use precision.fp8_recipe=delayed"
+            )
     cfg.adapter_config()  # preset, rank, targets: TiedLoRAConfig's own checks
 
     for name in ("tp", "pp"):
@@ -380,6 +395,12 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = 
         raise ConfigError("optim.clip_grad must be >= 0")
     if d.seq_length is not None and d.seq_length < 2:
         raise ConfigError("data.seq_length must be >= 2")
+    fp8_multiple = FP8_TOKEN_MULTIPLE * (par.tp if par.sp else 1)
+    if pr.fp8 is not None and d.seq_length is not None and d.seq_length % fp8_multiple:
+        raise ConfigError(
+            f"data.seq_length={d.seq_length} must be a multiple of {fp8_multiple} under FP8 "
+            f"({FP8_TOKEN_MULTIPLE} tokens per tensor-parallel rank)"
+        )
 
     if d.task is None and d.train is None:
         raise ConfigError("set data.task (a built-in task) or data.train (a JSONL file)")

@@ -29,7 +29,7 @@ from torch import nn
 
 from tiedlora_megatron.atomic import write_json_atomic
 from tiedlora_megatron.config import ConfigError
-from tiedlora_megatron.finetune.config import JobConfig
+from tiedlora_megatron.finetune.config import FP8_TOKEN_MULTIPLE, JobConfig
 from tiedlora_megatron.finetune.loss import AnswerPositions, make_forward_step, reduce_losses
 from tiedlora_megatron.finetune.progress import Progress, Scalars, format_seconds, is_rank0, log
 from tiedlora_megatron.pipeline import unwrap
@@ -249,10 +249,6 @@ def load_splits_rank0_first(cfg: JobConfig, tokenizer, names: Sequence[str]) -> 
     return splits if splits is not None else load_splits(cfg, tokenizer, names)
 
 
-#: FP8 GEMMs need the token count of every TE layer's input to be a multiple of this.
-FP8_TOKEN_MULTIPLE = 16
-
-
 def _pad_length(samples: Sequence, cfg: JobConfig) -> int:
     """The padded length of a micro-batch: fixed with PP, a multiple of TP with SP (each rank
     holds length / TP tokens), and with FP8 such that every rank's tokens fill FP8's GEMM tiles."""
@@ -353,16 +349,21 @@ def generate_predictions(chunks, examples: list, cfg: JobConfig, rt: Runtime, to
     for m in raw:
         m.eval()
     began = last = time.perf_counter()
+    lengths = [len(s.prompt_ids) for s in samples]
+    # TE's attention applies no padding mask under the causal / no-mask types megatron's TE spec
+    # uses, so there a batch holds prompts of one length only (nothing to pad).
+    batches = generation_batches(order, lengths, cfg.eval.batch_size, cfg.model.spec == "te")
     try:
-        for start in range(0, len(order), cfg.eval.batch_size):
+        done = 0
+        for idx in batches:
             if time.perf_counter() - last > 10:  # a line every ~10 s; rank 0's shard stands for all
                 last = time.perf_counter()
-                rate = start / (last - began)
+                rate = done / (last - began)
                 log(
-                    f"generating answers: {start}/{len(order)} (rank 0's share), "
-                    f"{rate:.2f}/s, ETA {format_seconds((len(order) - start) / rate)}"
+                    f"generating answers: {done}/{len(order)} (rank 0's share), "
+                    f"{rate:.2f}/s, ETA {format_seconds((len(order) - done) / rate)}"
                 )
-            idx = order[start : start + cfg.eval.batch_size]
+            done += len(idx)
             outs = generate(
                 raw,
                 [list(samples[i].prompt_ids) for i in idx],
@@ -380,6 +381,21 @@ def generate_predictions(chunks, examples: list, cfg: JobConfig, rt: Runtime, to
     dist.all_gather_object(gathered, mine, group=ps.get_data_parallel_group())
     merged = {k: v for part in gathered for k, v in part.items()}
     return [merged[i] for i in range(len(samples))]
+
+
+def generation_batches(
+    order: Sequence[int], lengths: Sequence[int], size: int, same_length: bool
+) -> list[list[int]]:
+    """`order` cut into batches of at most `size` prompts (indices into `lengths`); with
+    `same_length`, a new batch also starts wherever the prompt length changes."""
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        if last is None or len(last) == size or (same_length and lengths[last[0]] != lengths[i]):
+            batches.append([i])
+        else:
+            last.append(i)
+    return batches
 
 
 @contextlib.contextmanager

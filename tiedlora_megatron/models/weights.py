@@ -127,11 +127,18 @@ def _qkv_pieces(arch: GPTArch, rank: int, tp: int) -> list[tuple[str, int, int]]
     return pieces
 
 
+def bias_of(module: torch.nn.Module, name: str = "bias") -> torch.Tensor | None:
+    """A layer's bias, or None where it has none: megatron's local layers and norms keep None,
+    Transformer Engine's keep an empty tensor."""
+    bias = getattr(module, name, None)
+    return bias if bias is not None and bias.numel() > 0 else None
+
+
 def norm_param_names(layer_norm: torch.nn.Module, fused_linear: torch.nn.Module):
     """A norm's (weight, bias): its own module, or TE's norm fused into the next linear."""
     if getattr(layer_norm, "weight", None) is not None:
-        return layer_norm.weight, getattr(layer_norm, "bias", None)
-    return fused_linear.layer_norm_weight, getattr(fused_linear, "layer_norm_bias", None)
+        return layer_norm.weight, bias_of(layer_norm)
+    return fused_linear.layer_norm_weight, bias_of(fused_linear, "layer_norm_bias")
 
 
 def _load_norm(norm, fused, src: WeightSource, name: str, what: str, done: set[int]) -> None:
@@ -162,7 +169,7 @@ def _load_layer(layer, arch: GPTArch, src: WeightSource, rank: int, tp: int, don
     pieces = _qkv_pieces(arch, rank, tp)
     qkv_w = torch.cat([src.rows(p + kind, a * hd, b * hd) for kind, a, b in pieces])
     _copy(attn.linear_qkv.weight, qkv_w, f"layer {i} qkv weight", done)
-    if attn.linear_qkv.bias is not None:
+    if bias_of(attn.linear_qkv) is not None:
         qkv_b = torch.cat([src.rows(f"{p}{kind}_bias", a * hd, b * hd) for kind, a, b in pieces])
         _copy(attn.linear_qkv.bias, qkv_b, f"layer {i} qkv bias", done)
 
@@ -173,7 +180,7 @@ def _load_layer(layer, arch: GPTArch, src: WeightSource, rank: int, tp: int, don
         f"layer {i} attention output weight",
         done,
     )
-    if attn.linear_proj.bias is not None:
+    if bias_of(attn.linear_proj) is not None:
         _copy(attn.linear_proj.bias, src.full(p + "o_bias"), f"layer {i} o bias", done)
 
     _load_norm(layer.pre_mlp_layernorm, mlp.linear_fc1, src, p + "ln2", f"layer {i} ln2", done)
@@ -184,14 +191,14 @@ def _load_layer(layer, arch: GPTArch, src: WeightSource, rank: int, tp: int, don
     else:
         fc1_w = src.rows(p + "fc1", lo, hi)
     _copy(mlp.linear_fc1.weight, fc1_w, f"layer {i} fc1 weight", done)
-    if mlp.linear_fc1.bias is not None:
+    if bias_of(mlp.linear_fc1) is not None:
         if arch.gated_linear_unit:
             fc1_b = torch.cat([src.rows(p + "gate_bias", lo, hi), src.rows(p + "up_bias", lo, hi)])
         else:
             fc1_b = src.rows(p + "fc1_bias", lo, hi)
         _copy(mlp.linear_fc1.bias, fc1_b, f"layer {i} fc1 bias", done)
     _copy(mlp.linear_fc2.weight, src.cols(p + "down", lo, hi), f"layer {i} fc2 weight", done)
-    if mlp.linear_fc2.bias is not None:
+    if bias_of(mlp.linear_fc2) is not None:
         _copy(mlp.linear_fc2.bias, src.full(p + "down_bias"), f"layer {i} fc2 bias", done)
 
 
@@ -219,12 +226,17 @@ def load_weights(chunks: list, arch: GPTArch, src: WeightSource, origin: str) ->
         if model.post_process:
             norm = model.decoder.final_layernorm
             _copy(norm.weight, src.full("final_norm"), "final norm", done)
-            if getattr(norm, "bias", None) is not None:
+            if bias_of(norm) is not None:
                 _copy(norm.bias, src.full("final_norm_bias"), "final norm bias", done)
             if not (arch.tie_embeddings and model.pre_process):
                 name = "embed" if arch.tie_embeddings else "lm_head"
                 rows = _vocab_rows(src, name, arch, rank, tp)
                 _copy(model.output_layer.weight, rows, "output layer", done)
-    missed = [n for model in chunks for n, prm in model.named_parameters() if id(prm) not in done]
+    missed = [
+        n
+        for model in chunks
+        for n, prm in model.named_parameters()
+        if id(prm) not in done and prm.numel() > 0
+    ]
     if missed:
         raise ValueError(f"parameters not filled from the checkpoint: {missed}")
