@@ -553,6 +553,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         print(
             f"no {path.name}: matplotlib is missing (pip install matplotlib, or the `bench` extra)"
@@ -560,7 +561,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
         return
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        legend, labelled = set(), set()
+        legend, labelled, placed = set(), set(), []
         for r in rows:
             if r["preset"] == "base" or r.get(metric) is None:
                 continue
@@ -570,12 +571,20 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
             legend.add(name)
             text = f"{r['preset']} r{r['rank']} {r['targets']}"
             if text not in labelled:  # seeds of one method share a label
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+                # Points almost on top of each other (vBA, vBuA) get their labels stacked.
+                near = sum(abs(math.log(x / px)) < 0.25 and abs(y - py) < 2 for px, py in placed)
+                ax.annotate(
+                    text, (x, y), textcoords="offset points", xytext=(4, 3 - 9 * near),
+                    fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.4) if near else None,
+                )  # fmt: skip
                 labelled.add(text)
+                placed.append((x, y))
         base = next((r for r in rows if r["preset"] == "base" and r.get(metric) is not None), None)
         if base is not None:
             ax.axhline(base[metric], color="gray", linestyle="--", label="base model")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.12)
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(f"{metric} on test (%)")
         ax.grid(alpha=0.3)
