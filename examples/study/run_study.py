@@ -595,6 +595,15 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
     plt.close(fig)
 
 
+def _cd_line() -> str:
+    """Where commands.sh must run: the repository it lies in when the study ran from a
+    repository's root (so a committed copy works in any clone), else the study's directory."""
+    cwd = Path.cwd()
+    if (cwd / ".git").exists():
+        return 'cd "$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)"'
+    return f"cd {shlex.quote(str(cwd))}"
+
+
 def write_commands(study: Study, tasks: list[str], settings: list[Setting]) -> None:
     """commands.sh: the exact commands behind each point (its training run at the chosen LR and
     its test score), and the base models'."""
@@ -602,7 +611,7 @@ def write_commands(study: Study, tasks: list[str], settings: list[Setting]) -> N
         "#!/usr/bin/env bash",
         "# Every point of this study, reproduced (written by examples/study/run_study.py).",
         "set -euo pipefail",
-        f"cd {shlex.quote(os.getcwd())}",
+        _cd_line(),
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
     ]
     for task in tasks:
