@@ -236,7 +236,7 @@ def test_generation_batches() -> None:
     assert generation_batches([], lengths, 2, True) == []
 
 
-def test_fp8_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp8_config_errors(tiny: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from packaging.version import Version
 
     from tiedlora_megatron.config import ConfigError
@@ -247,7 +247,7 @@ def test_fp8_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     fp8 = ["model.spec=te", "precision.fp8=hybrid"]
 
     def check(overrides: list[str], world: int = 1) -> None:
-        cfg = job_config.load_job_config(CONFIG, [*fp8, *overrides])
+        cfg = job_config.load_job_config(CONFIG, [*tiny, *fp8, *overrides])
         job_config.validate(cfg, world_size=world, check_model=False)
 
     with pytest.raises(ConfigError, match="data.seq_length=40 must be a multiple of 32 under FP8"):
