@@ -332,6 +332,13 @@ def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def token_multiple(cfg: JobConfig) -> int:
+    """What every micro-batch's padded length must be a multiple of: TP under sequence
+    parallelism (each rank holds length / TP tokens), times FP8_TOKEN_MULTIPLE under FP8."""
+    multiple = cfg.parallel.tp if cfg.parallel.sp else 1
+    return multiple * (FP8_TOKEN_MULTIPLE if cfg.precision.fp8 is not None else 1)
+
+
 def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = True) -> None:
     """Raise a ConfigError for anything wrong that is knowable before process groups start."""
     world = world_size or world_size_from_env()
@@ -395,10 +402,9 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = 
         raise ConfigError("optim.clip_grad must be >= 0")
     if d.seq_length is not None and d.seq_length < 2:
         raise ConfigError("data.seq_length must be >= 2")
-    fp8_multiple = FP8_TOKEN_MULTIPLE * (par.tp if par.sp else 1)
-    if pr.fp8 is not None and d.seq_length is not None and d.seq_length % fp8_multiple:
+    if pr.fp8 is not None and d.seq_length is not None and d.seq_length % token_multiple(cfg):
         raise ConfigError(
-            f"data.seq_length={d.seq_length} must be a multiple of {fp8_multiple} under FP8 "
+            f"data.seq_length={d.seq_length} must be a multiple of {token_multiple(cfg)} under FP8 "
             f"({FP8_TOKEN_MULTIPLE} tokens per tensor-parallel rank)"
         )
 

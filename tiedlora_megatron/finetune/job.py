@@ -29,7 +29,7 @@ from torch import nn
 
 from tiedlora_megatron.atomic import write_json_atomic
 from tiedlora_megatron.config import ConfigError
-from tiedlora_megatron.finetune.config import FP8_TOKEN_MULTIPLE, JobConfig
+from tiedlora_megatron.finetune.config import JobConfig, token_multiple
 from tiedlora_megatron.finetune.loss import AnswerPositions, make_forward_step, reduce_losses
 from tiedlora_megatron.finetune.progress import Progress, Scalars, format_seconds, is_rank0, log
 from tiedlora_megatron.pipeline import unwrap
@@ -256,9 +256,7 @@ def _pad_length(samples: Sequence, cfg: JobConfig) -> int:
         return cfg.data.seq_length
     pp = cfg.parallel.pp > 1
     length = cfg.data.max_length if pp else max(s.length - 1 for s in samples)
-    multiple = cfg.parallel.tp if cfg.parallel.sp else 1
-    if cfg.precision.fp8 is not None:
-        multiple *= FP8_TOKEN_MULTIPLE
+    multiple = token_multiple(cfg)
     return -(-length // multiple) * multiple
 
 
