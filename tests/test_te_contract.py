@@ -34,14 +34,19 @@ from tiedlora_megatron.layouts import UnsupportedLayerError, split_output, te_la
 TE_LINEAR_BASES = {"te.pytorch.Linear", "te.pytorch.LayerNormLinear", "te.pytorch.GroupedLinear"}
 
 
+def _megatron_source(relative: str) -> ast.Module:
+    """The syntax tree of the installed megatron-core's `megatron/core/<relative>`, unimported."""
+    spec = importlib.util.find_spec("megatron.core")
+    assert spec is not None and spec.submodule_search_locations
+    path = Path(spec.submodule_search_locations[0]) / relative
+    return ast.parse(path.read_text(), str(path))
+
+
 @cache
 def _megatron_te_classes() -> dict[str, ast.ClassDef]:
     """Every class megatron-core's TE wrapper module defines (including those it defines only
     for some TE versions), by name."""
-    spec = importlib.util.find_spec("megatron.core")
-    assert spec is not None and spec.submodule_search_locations
-    path = Path(spec.submodule_search_locations[0]) / "extensions" / "transformer_engine.py"
-    tree = ast.parse(path.read_text(), str(path))
+    tree = _megatron_source("extensions/transformer_engine.py")
     return {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
 
 
@@ -288,10 +293,7 @@ def test_te_block_spec_without_te_says_so():
 def test_megatron_enters_fp8_per_forward_from_config():
     """The job turns FP8 off for generation by clearing `config.fp8` (finetune.job.fp8_disabled);
     that works because megatron-core's TransformerBlock reads it in every forward."""
-    spec = importlib.util.find_spec("megatron.core")
-    assert spec is not None and spec.submodule_search_locations
-    path = Path(spec.submodule_search_locations[0]) / "transformer" / "transformer_block.py"
-    tree = ast.parse(path.read_text())
+    tree = _megatron_source("transformer/transformer_block.py")
     block = next(
         n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "TransformerBlock"
     )
