@@ -190,6 +190,7 @@ def test_runner_skips_finished_jobs_and_chooses_after_the_sweep(
         ran.append(d.name + (" train" if "train" in argv else " test"))
         if "train" in argv:  # the larger LR has the lower validation loss
             _summary(d, 1.0 / float(args["optim.lr"]), 10.0, 3000)
+            (d / "checkpoints" / "step_0000004").mkdir(parents=True)
         else:
             _test_result(d, 40.0)
         return subprocess.CompletedProcess(argv, 0)
@@ -197,6 +198,7 @@ def test_runner_skips_finished_jobs_and_chooses_after_the_sweep(
     monkeypatch.setattr(run_study.subprocess, "run", job)
     _write(out / "squad" / "base" / "eval_base.json", {"val_loss": 3.0, "f1": 5.0})
     _summary(_run_dir(out, "lora", 0, "0.001"), 2.0, 20.0, 9216)
+    (_run_dir(out, "lora", 0, "0.001") / "checkpoints" / "step_0000004").mkdir(parents=True)
 
     assert run_study.main(["--out", str(out), *GRID, "--only", "3"]) == 0
     # lora's finished sweep run (loss 2.0) beats the new one (100): its checkpoint is scored.
@@ -212,6 +214,26 @@ def test_runner_skips_finished_jobs_and_chooses_after_the_sweep(
     assert ran == []
     with (out / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 4  # base, lora, vBuA x 2 seeds
+
+
+def test_a_finished_run_without_its_checkpoint_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A study copied without checkpoints (as committed) cannot score a run trained elsewhere:
+    the study says which checkpoint is missing and how to go on, and starts no job."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "study"
+    ran: list[list[str]] = []
+    monkeypatch.setattr(run_study.subprocess, "run", lambda argv, **kw: ran.append(argv))
+    _write(out / "squad" / "base" / "eval_base.json", {"val_loss": 3.0, "f1": 5.0})
+    _sweep(out)  # lora's sweep has finished: its 0.001 run waits for its test score
+    assert run_study.main(["--out", str(out), *GRID, "--match", "squad/lora_*"]) == 1
+    err = capsys.readouterr().err
+    missing = _run_dir(out, "lora", 0, "0.001") / "checkpoints" / "step_0000004"
+    assert f"the checkpoint to score, {missing}, is not here" in err
+    assert f"remove {_run_dir(out, 'lora', 0, '0.001') / 'summary.json'} to train" in err
+    assert ran == []
+    assert (out / "results.csv").is_file()  # the report still shows how far the study got
 
 
 def test_mini_study_on_the_tiny_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -16,7 +16,9 @@ own directory `<out>/<task>/<preset>_r<rank>_<targets>_s<seed>_lr<lr>/`:
 A job whose result file exists is skipped, so rerunning the same command resumes the study (an
 interrupted training run resumes from its newest checkpoint: the job does that). In `--out`:
 results.csv, results.md, tradeoff_<task>.png and commands.sh, rebuilt from whatever results exist
-(`--report-only` rebuilds them without running anything).
+(`--report-only` rebuilds them without running anything). The JSON files alone are the study's
+state: a copy of `--out` without checkpoints and logs (examples/study/results is one) resumes on
+another machine, as long as no finished training run still waits for its test score.
 
     python examples/study/run_study.py --out runs/study --dry-run        # the plan and its cost
     python examples/study/run_study.py --out runs/study                  # the whole default grid
@@ -312,6 +314,12 @@ def run_job(study: Study, job: Job) -> None:
     """Run one job, its output appended to a log beside its results."""
     from tiedlora_megatron.finetune.progress import format_seconds
 
+    if job.adapter is not None and not job.adapter.is_dir():
+        raise StudyError(
+            f"{job.label}: the checkpoint to score, {job.adapter}, is not here (its training run "
+            "finished on another machine?); copy it here, or remove "
+            f"{job.result.parent / SUMMARY} to train that run again"
+        )
     argv = study.argv(job)
     launcher = (
         [sys.executable] if argv[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
