@@ -567,6 +567,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
             f"no {path.name}: matplotlib is missing (pip install matplotlib, or the `bench` extra)"
         )
         return
+    # The first target set (the paper's QKV in the default grid) is drawn filled, others hollow.
+    target_sets = list(dict.fromkeys(r["targets"] for r in rows if r["preset"] != "base"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         legend, labelled, placed = set(), set(), []
@@ -575,7 +577,9 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
                 continue
             name, marker, colour = FAMILIES.get(r["preset"].lower(), TIED_FAMILY)
             x, y = r["trainable_parameters"], r[metric]
-            ax.scatter(x, y, marker=marker, color=colour, label=None if name in legend else name)
+            face = colour if r["targets"] == target_sets[0] else "none"
+            ax.scatter(x, y, marker=marker, facecolors=face, edgecolors=colour,
+                       label=None if name in legend else name)  # fmt: skip
             legend.add(name)
             text = f"{r['preset']} r{r['rank']} {r['targets']}"
             if text not in labelled:  # seeds of one method share a label
@@ -590,6 +594,9 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
         base = next((r for r in rows if r["preset"] == "base" and r.get(metric) is not None), None)
         if base is not None:
             ax.axhline(base[metric], color="gray", linestyle="--", label="base model")
+        if len(target_sets) > 1:
+            ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray",
+                       label=f"hollow: on {', '.join(target_sets[1:])} (filled: {target_sets[0]})")  # fmt: skip
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.margins(x=0.12)
