@@ -71,9 +71,11 @@ STUDY_KEYS = {
 # A task's needs beyond the base config: the SQuAD config's 24-token answers would cut every worked
 # math solution short, so GSM generates up to its task's own budget.
 TASK_OVERRIDES = {"gsm": ("eval.max_new_tokens=null",)}
-# How the plot tells the families apart: (label, marker, colour); every other preset is tied.
+# How the plot tells the families apart: (family, marker, colour); every other preset is tied,
+# each tied preset in a colour of its own.
 FAMILIES = {"lora": ("LoRA", "s", "tab:red"), "vera": ("VeRA", "^", "tab:green")}
-TIED_FAMILY = ("Tied-LoRA", "o", "tab:blue")
+TIED_FAMILY = ("Tied-LoRA", "o", None)
+TIED_COLOURS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:cyan", "tab:olive")
 
 
 class StudyError(RuntimeError):
@@ -555,57 +557,69 @@ def write_report(
 
 def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], path: Path) -> None:
     """Test quality against trainable parameters (log x), one point per run, the base model as a
-    line: the paper's trade-off figure, one panel per metric."""
+    line: the paper's trade-off figure, one panel per metric. A point's shape is its family, its
+    colour its preset, its size its rank; the first target set (the paper's QKV in the default
+    grid) is filled, the others hollow. One legend says all of that, so no text crowds the
+    points."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
         from matplotlib.ticker import NullFormatter
     except ImportError:
         print(
             f"no {path.name}: matplotlib is missing (pip install matplotlib, or the `bench` extra)"
         )
         return
-    # The first target set (the paper's QKV in the default grid) is drawn filled, others hollow.
-    target_sets = list(dict.fromkeys(r["targets"] for r in rows if r["preset"] != "base"))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
+    runs = [r for r in rows if r["preset"] != "base"]
+    presets = list(dict.fromkeys(r["preset"] for r in runs))
+    target_sets = list(dict.fromkeys(r["targets"] for r in runs))
+    ranks = sorted({r["rank"] for r in runs})
+    tied_colours = iter(TIED_COLOURS * (1 + len(presets) // len(TIED_COLOURS)))
+    style = {}  # preset -> (legend text, marker, colour)
+    for preset in presets:
+        family, marker, colour = FAMILIES.get(preset.lower(), TIED_FAMILY)
+        if colour is None:
+            colour = next(tied_colours)
+        text = family if preset.lower() in FAMILIES else f"{preset} ({family})"
+        style[preset] = (text, marker, colour)
+
+    def size(rank: int) -> float:  # area grows with rank, the smallest rank at 30
+        return 30.0 * math.sqrt(rank / ranks[0])
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        legend, labelled, placed = set(), set(), []
-        for r in rows:
-            if r["preset"] == "base" or r.get(metric) is None:
-                continue
-            name, marker, colour = FAMILIES.get(r["preset"].lower(), TIED_FAMILY)
-            x, y = r["trainable_parameters"], r[metric]
+        for r in (r for r in runs if r.get(metric) is not None):
+            _, marker, colour = style[r["preset"]]
             face = colour if r["targets"] == target_sets[0] else "none"
-            ax.scatter(x, y, marker=marker, facecolors=face, edgecolors=colour,
-                       label=None if name in legend else name)  # fmt: skip
-            legend.add(name)
-            text = f"{r['preset']} r{r['rank']} {r['targets']}"
-            if text not in labelled:  # seeds of one method share a label
-                # Points almost on top of each other (vBA, vBuA) get their labels stacked.
-                near = sum(abs(math.log(x / px)) < 0.25 and abs(y - py) < 2 for px, py in placed)
-                ax.annotate(
-                    text, (x, y), textcoords="offset points", xytext=(4, 3 - 9 * near),
-                    fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.4) if near else None,
-                )  # fmt: skip
-                labelled.add(text)
-                placed.append((x, y))
+            ax.scatter(r["trainable_parameters"], r[metric], marker=marker, s=size(r["rank"]),
+                       facecolors=face, edgecolors=colour, linewidths=1.2, alpha=0.9)  # fmt: skip
         base = next((r for r in rows if r["preset"] == "base" and r.get(metric) is not None), None)
         if base is not None:
-            ax.axhline(base[metric], color="gray", linestyle="--", label="base model")
-        if len(target_sets) > 1:
-            ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray",
-                       label=f"hollow: on {', '.join(target_sets[1:])} (filled: {target_sets[0]})")  # fmt: skip
+            ax.axhline(base[metric], color="gray", linestyle="--")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.margins(x=0.12)
+        ax.margins(x=0.08)
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(f"{metric} on test (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+
+    def key(label: str, marker: str = "o", colour: str = "gray", face: str | None = None,
+            ms: float = 6.0, line: str = "none") -> Line2D:  # fmt: skip
+        return Line2D([], [], marker=marker, color=colour, markerfacecolor=face or colour,
+                      markersize=ms, linestyle=line, label=label)  # fmt: skip
+
+    handles = [key(text, marker, colour) for text, marker, colour in style.values()]
+    handles += [key(f"rank {k}", ms=math.sqrt(size(k))) for k in ranks]
+    handles += [
+        key(f"on {t}", face="gray" if i == 0 else "none") for i, t in enumerate(target_sets)
+    ]
+    handles.append(key("base model", marker="", line="--"))
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(f"{task}: quality vs trainable parameters")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
