@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import itertools
 import json
 import math
 import os
@@ -548,16 +549,16 @@ def write_report(
                 markdown_table(header, sweeps),
             ]
         if any(r.get(m) is not None for r in task_rows for m in get_task(task).metrics):
-            plot_tradeoff(
-                task_rows, task, list(get_task(task).metrics), study.out / f"tradeoff_{task}.png"
-            )
+            panels = [*get_task(task).metrics, "val_loss"]
+            plot_tradeoff(task_rows, task, panels, study.out / f"tradeoff_{task}.png")
     (study.out / "results.md").write_text("\n".join(parts) + "\n")
     return rows
 
 
 def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], path: Path) -> None:
     """Test quality against trainable parameters (log x), one point per run, the base model as a
-    line: the paper's trade-off figure, one panel per metric. A point's shape is its family, its
+    line: the paper's trade-off figure, one panel per metric (`val_loss`: the validation loss,
+    which still separates methods where a test metric sits at its floor). A point's shape is its family, its
     colour its preset, its size its rank; the first target set (the paper's QKV in the default
     grid) is filled, the others hollow. One legend says all of that, so no text crowds the
     points."""
@@ -567,7 +568,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.lines import Line2D
-        from matplotlib.ticker import NullFormatter
+        from matplotlib.ticker import FormatStrFormatter, NullFormatter
     except ImportError:
         print(
             f"no {path.name}: matplotlib is missing (pip install matplotlib, or the `bench` extra)"
@@ -577,7 +578,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
     presets = list(dict.fromkeys(r["preset"] for r in runs))
     target_sets = list(dict.fromkeys(r["targets"] for r in runs))
     ranks = sorted({r["rank"] for r in runs})
-    tied_colours = iter(TIED_COLOURS * (1 + len(presets) // len(TIED_COLOURS)))
+    tied_colours = itertools.cycle(TIED_COLOURS)
     style = {}  # preset -> (legend text, marker, colour)
     for preset in presets:
         family, marker, colour = FAMILIES.get(preset.lower(), TIED_FAMILY)
@@ -603,7 +604,11 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.margins(x=0.08)
         ax.set_xlabel("trainable parameters")
-        ax.set_ylabel(f"{metric} on test (%)")
+        if metric == "val_loss":  # log: an untrained method's loss would flatten the rest
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_ylabel("validation loss" if metric == "val_loss" else f"{metric} on test (%)")
         ax.grid(alpha=0.3)
 
     def key(label: str, marker: str = "o", colour: str = "gray", face: str | None = None,
