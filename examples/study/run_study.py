@@ -608,6 +608,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], pat
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        else:  # a percentage, from 0: a metric at its floor should look like one
+            ax.set_ylim(bottom=0)
         ax.set_ylabel("validation loss" if metric == "val_loss" else f"{metric} on test (%)")
         ax.grid(alpha=0.3)
 

@@ -60,3 +60,32 @@ torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --co
 # squad/vBuA_r32_all seed 0: lr 0.01 (chosen from 0.003 0.01 by val_loss)
 torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml data.task=squad adapter.preset=vBuA adapter.rank=32 adapter.alpha=32 'adapter.target_modules=[linear_qkv,linear_proj,linear_fc1,linear_fc2]' adapter.seed=0 train.seed=0 data.seed=0 optim.lr=0.01 train.steps=30 eval.before=false eval.split=validation eval.num_examples=-1 train.output_dir=examples/study/results/squad/vBuA_r32_all_s0_lr0.01
 torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml --adapter examples/study/results/squad/vBuA_r32_all_s0_lr0.01/checkpoints/step_0000030 data.task=squad eval.split=test train.output_dir=examples/study/results/squad/vBuA_r32_all_s0_lr0.01
+
+# gsm: the base model
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml data.task=gsm eval.split=test train.output_dir=examples/study/results/gsm/base eval.max_new_tokens=null
+# gsm/lora_r8_qkv seed 0: lr 0.01 (chosen from 0.003 0.01 by val_loss)
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml data.task=gsm adapter.preset=lora adapter.rank=8 adapter.alpha=8 'adapter.target_modules=[linear_qkv]' adapter.seed=0 train.seed=0 data.seed=0 optim.lr=0.01 train.steps=30 eval.before=false eval.split=validation eval.num_examples=-1 train.output_dir=examples/study/results/gsm/lora_r8_qkv_s0_lr0.01 eval.max_new_tokens=null
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml --adapter examples/study/results/gsm/lora_r8_qkv_s0_lr0.01/checkpoints/step_0000030 data.task=gsm eval.split=test train.output_dir=examples/study/results/gsm/lora_r8_qkv_s0_lr0.01 eval.max_new_tokens=null
+# gsm/lora_r8_qkv seed 1: lr 0.01 (chosen from 0.003 0.01 by val_loss)
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml data.task=gsm adapter.preset=lora adapter.rank=8 adapter.alpha=8 'adapter.target_modules=[linear_qkv]' adapter.seed=1 train.seed=1 data.seed=1 optim.lr=0.01 train.steps=30 eval.before=false eval.split=validation eval.num_examples=-1 train.output_dir=examples/study/results/gsm/lora_r8_qkv_s1_lr0.01 eval.max_new_tokens=null
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml --adapter examples/study/results/gsm/lora_r8_qkv_s1_lr0.01/checkpoints/step_0000030 data.task=gsm eval.split=test train.output_dir=examples/study/results/gsm/lora_r8_qkv_s1_lr0.01 eval.max_new_tokens=null
+# gsm/lora_r32_qkv seed 0: its LR sweep has not finished
+# gsm/vBuA_r8_qkv seed 0: lr 0.01 (chosen from 0.003 0.01 by val_loss)
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml data.task=gsm adapter.preset=vBuA adapter.rank=8 adapter.alpha=8 'adapter.target_modules=[linear_qkv]' adapter.seed=0 train.seed=0 data.seed=0 optim.lr=0.01 train.steps=30 eval.before=false eval.split=validation eval.num_examples=-1 train.output_dir=examples/study/results/gsm/vBuA_r8_qkv_s0_lr0.01 eval.max_new_tokens=null
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml --adapter examples/study/results/gsm/vBuA_r8_qkv_s0_lr0.01/checkpoints/step_0000030 data.task=gsm eval.split=test train.output_dir=examples/study/results/gsm/vBuA_r8_qkv_s0_lr0.01 eval.max_new_tokens=null
+# gsm/vBuA_r8_qkv seed 1: lr 0.01 (chosen from 0.003 0.01 by val_loss)
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml data.task=gsm adapter.preset=vBuA adapter.rank=8 adapter.alpha=8 'adapter.target_modules=[linear_qkv]' adapter.seed=1 train.seed=1 data.seed=1 optim.lr=0.01 train.steps=30 eval.before=false eval.split=validation eval.num_examples=-1 train.output_dir=examples/study/results/gsm/vBuA_r8_qkv_s1_lr0.01 eval.max_new_tokens=null
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml --adapter examples/study/results/gsm/vBuA_r8_qkv_s1_lr0.01/checkpoints/step_0000030 data.task=gsm eval.split=test train.output_dir=examples/study/results/gsm/vBuA_r8_qkv_s1_lr0.01 eval.max_new_tokens=null
+# gsm/vBuA_r32_qkv seed 0: its LR sweep has not finished
+# gsm/vera_r8_qkv seed 0: its LR sweep has not finished
+# gsm/vera_r32_qkv seed 0: its LR sweep has not finished
+# gsm/vBA_r8_qkv seed 0: its LR sweep has not finished
+# gsm/vBA_r32_qkv seed 0: its LR sweep has not finished
+# gsm/BuA_r8_qkv seed 0: its LR sweep has not finished
+# gsm/BuA_r32_qkv seed 0: its LR sweep has not finished
+# gsm/vB~uA_r8_qkv seed 0: its LR sweep has not finished
+# gsm/vB~uA_r32_qkv seed 0: its LR sweep has not finished
+# gsm/lora_r8_all seed 0: its LR sweep has not finished
+# gsm/lora_r32_all seed 0: its LR sweep has not finished
+# gsm/vBuA_r8_all seed 0: its LR sweep has not finished
+# gsm/vBuA_r32_all seed 0: its LR sweep has not finished
