@@ -77,7 +77,9 @@ torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --co
 torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml data.task=gsm adapter.preset=vBuA adapter.rank=8 adapter.alpha=8 'adapter.target_modules=[linear_qkv]' adapter.seed=1 train.seed=1 data.seed=1 optim.lr=0.01 train.steps=30 eval.before=false eval.split=validation eval.num_examples=-1 train.output_dir=examples/study/results/gsm/vBuA_r8_qkv_s1_lr0.01 eval.max_new_tokens=null
 torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml --adapter examples/study/results/gsm/vBuA_r8_qkv_s1_lr0.01/checkpoints/step_0000030 data.task=gsm eval.split=test train.output_dir=examples/study/results/gsm/vBuA_r8_qkv_s1_lr0.01 eval.max_new_tokens=null
 # gsm/vBuA_r32_qkv seed 0: its LR sweep has not finished
-# gsm/vera_r8_qkv seed 0: its LR sweep has not finished
+# gsm/vera_r8_qkv seed 0: lr 0.01 (chosen from 0.003 0.01 by val_loss)
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml data.task=gsm adapter.preset=vera adapter.rank=8 adapter.alpha=8 'adapter.target_modules=[linear_qkv]' adapter.seed=0 train.seed=0 data.seed=0 optim.lr=0.01 train.steps=30 eval.before=false eval.split=validation eval.num_examples=-1 train.output_dir=examples/study/results/gsm/vera_r8_qkv_s0_lr0.01 eval.max_new_tokens=null
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml --adapter examples/study/results/gsm/vera_r8_qkv_s0_lr0.01/checkpoints/step_0000030 data.task=gsm eval.split=test train.output_dir=examples/study/results/gsm/vera_r8_qkv_s0_lr0.01 eval.max_new_tokens=null
 # gsm/vera_r32_qkv seed 0: its LR sweep has not finished
 # gsm/vBA_r8_qkv seed 0: its LR sweep has not finished
 # gsm/vBA_r32_qkv seed 0: its LR sweep has not finished
