@@ -93,7 +93,9 @@ torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --co
 # gsm/BuA_r32_qkv seed 0: its LR sweep has not finished
 # gsm/vB~uA_r8_qkv seed 0: its LR sweep has not finished
 # gsm/vB~uA_r32_qkv seed 0: its LR sweep has not finished
-# gsm/lora_r8_all seed 0: its LR sweep has not finished
+# gsm/lora_r8_all seed 0: lr 0.003 (chosen from 0.003 0.01 by val_loss)
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune train --config examples/configs/smollm2_squad.yaml data.task=gsm adapter.preset=lora adapter.rank=8 adapter.alpha=8 'adapter.target_modules=[linear_qkv,linear_proj,linear_fc1,linear_fc2]' adapter.seed=0 train.seed=0 data.seed=0 optim.lr=0.003 train.steps=30 eval.before=false eval.split=validation eval.num_examples=-1 train.output_dir=examples/study/results/gsm/lora_r8_all_s0_lr0.003 eval.max_new_tokens=null
+torchrun --standalone --nproc-per-node=2 -m tiedlora_megatron.finetune eval --config examples/configs/smollm2_squad.yaml --adapter examples/study/results/gsm/lora_r8_all_s0_lr0.003/checkpoints/step_0000030 data.task=gsm eval.split=test train.output_dir=examples/study/results/gsm/lora_r8_all_s0_lr0.003 eval.max_new_tokens=null
 # gsm/lora_r32_all seed 0: its LR sweep has not finished
 # gsm/vBuA_r8_all seed 0: its LR sweep has not finished
 # gsm/vBuA_r32_all seed 0: its LR sweep has not finished
