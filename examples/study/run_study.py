@@ -474,7 +474,8 @@ def describe(study: Study, cfg: JobConfig) -> str:
     by = "lowest validation loss" if study.select == "val_loss" else "best validation metric"
     return (
         f"Model: {cfg.model.source}{':' + cfg.model.path if cfg.model.path else ''} "
-        f"({cfg.precision.dtype}, {study.nproc} rank{'s' if study.nproc > 1 else ''}). Budget for every method: {study.steps} "
+        f"({cfg.precision.dtype}, {study.nproc} rank{'s' if study.nproc > 1 else ''}). "
+        f"Budget for every method: {study.steps} "
         f"steps x {t.global_batch} examples (micro-batch {t.micro_batch}), {o.warmup_steps} "
         f"warm-up steps then {o.decay} decay, max length {d.max_length}; adapter alpha = rank. "
         f"LR per method from {{{', '.join(map(lr_text, study.lrs))}}} by {by}; test metrics "
@@ -558,10 +559,10 @@ def write_report(
 def plot_tradeoff(rows: list[dict[str, Any]], task: str, metrics: list[str], path: Path) -> None:
     """Test quality against trainable parameters (log x), one point per run, the base model as a
     line: the paper's trade-off figure, one panel per metric (`val_loss`: the validation loss,
-    which still separates methods where a test metric sits at its floor). A point's shape is its family, its
-    colour its preset, its size its rank; the first target set (the paper's QKV in the default
-    grid) is filled, the others hollow. One legend says all of that, so no text crowds the
-    points."""
+    which still separates methods where a test metric sits at its floor). A point's shape is its
+    family, its colour its preset, its size its rank; the first target set (the paper's QKV in
+    the default grid) is filled, the others hollow. One legend says all of that, so no text
+    crowds the points."""
     try:
         import matplotlib
 
