@@ -121,6 +121,7 @@ def _train_layout(
     )
     from tests.tiny_gpt import save_base as save_base_weights
     from tiedlora_megatron import TiedLoRAConfig, apply_tied_lora
+    from tiedlora_megatron.pipeline import configure_tied_grad_sync
 
     extra = {}
     if variant == "recompute_full":
@@ -130,6 +131,9 @@ def _train_layout(
     elif variant == "recompute_selective":
         extra = dict(recompute_granularity="selective")
     config = init_layout(tp, pp, vpp, num_layers=NUM_LAYERS, **extra)
+    finalize = FINALIZE.get(variant, "ours")
+    if variant == "sync_off":  # the tied-replica sum and its guard switched off
+        configure_tied_grad_sync(on_ddp_grad_sync=False, guard=False)
     try:
         chunks = build_chunks(config, seed=11)
         if save_base:  # the reference run that also writes the base weights
@@ -139,9 +143,9 @@ def _train_layout(
         cfg = TiedLoRAConfig.preset("vBuA", rank=RANK, alpha=2 * RANK, target_modules=TARGETS)
         adapters = apply_tied_lora(chunks, cfg)
         ddp_kwargs = {}
-        if variant in ("distopt", "distopt_overlap"):
+        if "distopt" in variant:
             ddp_kwargs["use_distributed_optimizer"] = True  # the reference uses plain DDP
-        if variant in ("overlap", "distopt_overlap"):
+        if "overlap" in variant:
             ddp_kwargs.update(overlap_grad_reduce=True, bucket_size=2000)
         ddp = wrap_ddp(chunks, config, **ddp_kwargs)
         if "distopt" in variant:  # megatron's distributed optimizer supports only Adam
@@ -163,11 +167,12 @@ def _train_layout(
             data = data[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         norms, losses = [], []
         for _ in range(STEPS):
-            loss, norm = train_step(ddp, optimizer, data, config)
+            loss, norm = train_step(ddp, optimizer, data, config, finalize)
             norms.append(norm)
             losses.append(loss)
         return dict(records=_local_factors(adapters), norms=norms, losses=losses)
     finally:
+        configure_tied_grad_sync()
         ps.destroy_model_parallel()
 
 
@@ -191,6 +196,14 @@ def reference(pool, base_checkpoint, request):
     return (ckpt, *cache[kind])
 
 
+#: How a variant finalises gradients (`tiny_gpt.train_step`); the rest use ours.
+FINALIZE = {
+    "megatron_finalize": "megatron",
+    "distopt_overlap_megatron_finalize": "megatron",
+    "megatron_direct": "megatron_direct",
+    "sync_off": "megatron",
+}
+
 LAYOUTS = [
     # (tp, pp, vpp, variant); DP = 4 / (tp * pp)
     (1, 1, None, "plain"),
@@ -205,6 +218,12 @@ LAYOUTS = [
     (1, 2, 2, "overlap"),
     (2, 2, 2, "recompute_full"),
     (1, 2, None, "recompute_selective"),
+    # Trainers' finalize functions: megatron-core's own, set as config.finalize_model_grads_func
+    # after apply_tied_lora (as Megatron-LM and Megatron-Bridge do), or called directly.
+    (1, 2, None, "megatron_finalize"),
+    (2, 2, 2, "megatron_finalize"),
+    (1, 2, 2, "megatron_direct"),
+    (1, 2, 2, "distopt_overlap_megatron_finalize"),
 ]
 
 
@@ -220,3 +239,63 @@ def test_layout_matches_single_process_reference(pool, reference, tp, pp, vpp, v
         )
     for r in results:
         torch.testing.assert_close(r["norms"], want_norms, rtol=1e-4, atol=1e-6)
+
+
+def test_without_the_replica_sum_megatron_finalize_is_wrong(pool, base_checkpoint):
+    """The control for the megatron-finalize layouts above: the same PP=2 x VPP=2 run with the
+    replica sum switched off leaves the tied replicas apart and misses the reference."""
+    ckpt, cache = base_checkpoint
+    want, want_norms = cache["plain"]
+    results = pool.run(_train_layout, ckpt, 1, 2, 2, "sync_off", False)
+    records = [r["records"] for r in results]
+    with pytest.raises(AssertionError, match="replicas of .* differ"):
+        _assemble(records)
+    primary = [[r for r in rank if r["replica"][:2] == (0, 0)] for rank in records]
+    got = _assemble(primary)
+    tied = [k for k in want if k[2] is None]
+    assert tied and not all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-5) for k in tied)
+    assert not torch.allclose(torch.tensor(results[0]["norms"]), torch.tensor(want_norms))
+
+
+def _guard_and_manual_sync() -> dict:
+    """Two local chunks (two replicas, no DDP) stepped by a plain torch optimizer."""
+    from megatron.core import parallel_state as ps
+
+    from tests.tiny_gpt import batches, build_gpt, gpt_config
+    from tiedlora_megatron import TiedLoRAConfig, apply_tied_lora
+    from tiedlora_megatron.pipeline import TiedReplicaSyncError, sync_tied_factor_grads
+
+    ps.initialize_model_parallel()
+    try:
+        out = {}
+        for manual_sync in (True, False):
+            config = gpt_config()
+            chunks = [build_gpt(config, seed=1), build_gpt(config, seed=2)]
+            adapters = apply_tied_lora(chunks, TiedLoRAConfig.preset("vBuA", rank=4, alpha=8))
+            opt = torch.optim.SGD(list(adapters.parameters()), lr=0.1)
+            tokens, labels = batches(1, seed=3)[0]
+            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+            out[manual_sync] = None
+            try:
+                for _ in range(3):
+                    opt.zero_grad()
+                    loss = sum(c(tokens, positions, None, labels=labels).mean() for c in chunks)
+                    loss.backward()
+                    if manual_sync:
+                        sync_tied_factor_grads(chunks)
+                        sync_tied_factor_grads(chunks)  # a second call in one step sums nothing
+                    opt.step()
+                a, b = (c.tied_adapter.linear_qkv.B for c in chunks)
+                out[manual_sync] = "in sync" if torch.equal(a, b) else "apart"
+            except TiedReplicaSyncError as e:
+                out[manual_sync] = str(e)
+        return out
+    finally:
+        ps.destroy_model_parallel()
+
+
+def test_guard_names_a_step_without_the_replica_sum(pool):
+    out = pool.run(_guard_and_manual_sync)[0]
+    assert out[True] == "in sync"
+    assert "without summing their gradients over their replicas" in out[False]
+    assert "sync_tied_factor_grads" in out[False]

@@ -128,12 +128,25 @@ def make_optimizer(ddp_chunks, lr: float = 1e-2, optimizer: str = "adam", **kwar
     return get_megatron_optimizer(cfg, ddp_chunks)
 
 
-def train_step(ddp_chunks, optimizer, micro_batches, config) -> tuple[float | None, float]:
+def train_step(
+    ddp_chunks, optimizer, micro_batches, config, finalize: str = "ours"
+) -> tuple[float | None, float]:
     """One optimizer step over `micro_batches` with megatron's schedule. Returns (mean loss on
-    the last pipeline stage else None, grad norm)."""
+    the last pipeline stage else None, grad norm).
+
+    `finalize` is how gradients are finalised, as trainers do it: "ours"
+    (`tiedlora_megatron.finalize_model_grads` as `config.finalize_model_grads_func`),
+    "megatron" (megatron-core's own there, as Megatron-LM and Megatron-Bridge set it) or
+    "megatron_direct" (no config hook; the loop calls megatron-core's after the schedule)."""
+    from megatron.core.distributed import finalize_model_grads as megatron_finalize
+
     from tiedlora_megatron import finalize_model_grads
 
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = {
+        "ours": finalize_model_grads,
+        "megatron": megatron_finalize,
+        "megatron_direct": None,
+    }[finalize]
     config.no_sync_func = (
         [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
     )
@@ -141,6 +154,8 @@ def train_step(ddp_chunks, optimizer, micro_batches, config) -> tuple[float | No
         c.zero_grad_buffer()
     optimizer.zero_grad()
     losses = _run_schedule(ddp_chunks, micro_batches, forward_only=False)
+    if finalize == "megatron_direct":
+        megatron_finalize(ddp_chunks)
     _, grad_norm, _ = optimizer.step()
     loss = sum(float(x["loss"]) for x in losses) / len(micro_batches) if losses else None
     return loss, float(grad_norm)

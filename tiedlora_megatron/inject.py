@@ -20,7 +20,11 @@ from tiedlora_megatron.adapter import TiedLoRAAdapter
 from tiedlora_megatron.config import ConfigError, TiedLoRAConfig
 from tiedlora_megatron.factors import BANK_ATTR, LowRankFactors, TiedFactorBank
 from tiedlora_megatron.layouts import UnsupportedLayerError, describe_linear
-from tiedlora_megatron.pipeline import mark_tied_replicas, pipeline_rank_and_group
+from tiedlora_megatron.pipeline import (
+    mark_tied_replicas,
+    pipeline_rank_and_group,
+    track_replicas,
+)
 from tiedlora_megatron.te import is_fused_te_mlp, te_layer_name
 
 #: Suffix of the attribute under which a layer's parent holds the layer's adapter.
@@ -259,6 +263,7 @@ def apply_tied_lora(
         if bank is not None:
             chunk.add_module(BANK_ATTR, bank)
     mark_tied_replicas(chunks)
+    track_replicas(chunks)
     for chunk in chunks:
         _enable_recompute_grads(chunk)
     return TiedLoRAAdapters(config, chunks, adapters, banks)

@@ -18,10 +18,9 @@ implements it on top of `apply_tied_lora`, so it adds exactly the adapters the p
 - `adapter_key_filter` selects by name (`<layer>_adapter.*`, `tied_adapter.*`) under any wrapper
   prefix, in state dicts and sharded state dicts alike, frozen factors (VeRA's A, B) included.
 - Trainers (Megatron-Bridge, Megatron-LM) set `config.finalize_model_grads_func` to
-  megatron-core's own after the model is built, which does not sum the gradients of the tied
-  factors' replicas on other pipeline stages and virtual chunks. When there are such replicas,
-  each chunk gets a forward pre-hook that wraps whatever finalize function is set at training
-  time with that sum (`tiedlora_megatron.finalize_model_grads` itself is left alone).
+  megatron-core's own after the model is built. That needs nothing from this class: the sum of
+  the tied factors' gradients over their replicas (pipeline stages, virtual chunks) is fired by
+  megatron DDP's `finish_grad_sync`, which every finalize function calls (`pipeline.py`).
 
 Megatron-Bridge is optional: when it is installed `TiedLoRA` subclasses its `PEFT` (so
 `ConfigContainer` and Bridge's YAML tooling accept it), otherwise a local stand-in with the same
@@ -45,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -54,11 +52,6 @@ from torch import nn
 
 from tiedlora_megatron.config import SUPPORTED_TARGETS, ConfigError, TiedLoRAConfig
 from tiedlora_megatron.inject import TiedLoRAAdapters, apply_tied_lora, is_adapter_param
-from tiedlora_megatron.pipeline import (
-    finalize_model_grads,
-    pipeline_rank_and_group,
-    sync_tied_factor_grads,
-)
 
 ModelT = TypeVar("ModelT", nn.Module, list[nn.Module])
 
@@ -186,9 +179,6 @@ class TiedLoRA(_PEFTBase):
             self.freeze_model(given, training=False)
         for chunk in given:
             chunk.train(training)
-        if config.tied and (len(chunks) > 1 or pipeline_rank_and_group()[1] is not None):
-            for chunk in chunks:
-                chunk.register_forward_pre_hook(_sum_tied_grads_in_finalize)
         adapted = frozenset(
             id(chunk.get_submodule(name))
             for chunk, named in zip(chunks, adapters.adapters, strict=True)
@@ -282,31 +272,3 @@ def _unwrapped(chunk: nn.Module) -> nn.Module:
 
 def _same_modules(a: list[nn.Module], b: list[nn.Module]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-def _sums_tied_grads(finalize: Callable[..., Any]) -> bool:
-    return (
-        finalize is finalize_model_grads
-        or getattr(finalize, "func", None) is finalize_model_grads  # a functools.partial
-        or getattr(finalize, "sums_tied_grads", False)
-    )
-
-
-def _summing_tied_grads(finalize: Callable[..., Any]) -> Callable[..., Any]:
-    """`finalize`, then the sum of every tied factor's gradient over its replicas."""
-
-    def finalize_and_sum(model: list[nn.Module], *args: Any, **kwargs: Any) -> None:
-        finalize(model, *args, **kwargs)
-        sync_tied_factor_grads(model)
-
-    finalize_and_sum.sums_tied_grads = True  # type: ignore[attr-defined]
-    return finalize_and_sum
-
-
-def _sum_tied_grads_in_finalize(chunk: nn.Module, args: tuple[Any, ...]) -> None:
-    """Forward pre-hook: make the finalize function that the schedule will call after this step
-    sum the tied replicas' gradients, whoever set it (see the module docstring)."""
-    config = chunk.config
-    finalize = config.finalize_model_grads_func
-    if finalize is not None and not _sums_tied_grads(finalize):
-        config.finalize_model_grads_func = _summing_tied_grads(finalize)
