@@ -20,7 +20,9 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-_TIMEOUT_S = float(os.environ.get("TIEDLORA_TEST_RANK_TIMEOUT", "300"))
+#: Seconds a check may take on a rank; raise it on a slow or loaded machine.
+_TIMEOUT_ENV = "TIEDLORA_TEST_RANK_TIMEOUT"
+_TIMEOUT_S = float(os.environ.get(_TIMEOUT_ENV, "300"))
 _FAILED_GRACE_S = 20.0
 
 
@@ -79,6 +81,7 @@ class ProcessGroupPool:
 
     def __init__(self, world_size: int):
         self.world_size = world_size
+        self._closed_by: str | None = None
         ctx = mp.get_context("spawn")
         port = _free_port()
         self._outbox = ctx.Queue()
@@ -97,6 +100,10 @@ class ProcessGroupPool:
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run `fn(*args, **kwargs)` on every rank; return the results in rank order."""
+        if self._closed_by is not None:  # one line, not the first failure's traceback again
+            raise RuntimeError(
+                f"{fn.__name__}: not run: this module's ranks were stopped after {self._closed_by}"
+            )
         for inbox in self._inboxes:
             inbox.put((fn, args, kwargs))
         results: dict[int, Any] = {}
@@ -110,11 +117,14 @@ class ProcessGroupPool:
             except Exception as e:  # queue.Empty: a rank hung or died
                 self.close(force=True)
                 if failures:
+                    self._closed_by = f"{fn.__name__} failed"
                     raise AssertionError(
                         f"{fn.__name__} failed (other ranks then hung):\n" + "\n".join(failures)
                     ) from None
+                self._closed_by = f"{fn.__name__} timed out"
                 raise RuntimeError(
-                    f"{fn.__name__}: a rank gave no result in {timeout:.0f} s"
+                    f"{fn.__name__}: a rank gave no result in {timeout:.0f} s (a loaded or slow "
+                    f"machine? set {_TIMEOUT_ENV} to more seconds, e.g. {_TIMEOUT_ENV}=900)"
                 ) from e
             if ok:
                 results[rank] = value

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -184,7 +183,7 @@ def test_runner_skips_finished_jobs_and_chooses_after_the_sweep(
     out = tmp_path / "study"
     ran: list[str] = []
 
-    def job(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    def job(argv: list[str], log, env) -> int:
         args = dict(a.split("=", 1) for a in argv if "=" in a)
         d = Path(args["train.output_dir"])
         ran.append(d.name + (" train" if "train" in argv else " test"))
@@ -193,9 +192,9 @@ def test_runner_skips_finished_jobs_and_chooses_after_the_sweep(
             (d / "checkpoints" / "step_0000004").mkdir(parents=True)
         else:
             _test_result(d, 40.0)
-        return subprocess.CompletedProcess(argv, 0)
+        return 0
 
-    monkeypatch.setattr(run_study.subprocess, "run", job)
+    monkeypatch.setattr(run_study, "run_process", job)
     _write(out / "squad" / "base" / "eval_base.json", {"val_loss": 3.0, "f1": 5.0})
     _summary(_run_dir(out, "lora", 0, "0.001"), 2.0, 20.0, 9216)
     (_run_dir(out, "lora", 0, "0.001") / "checkpoints" / "step_0000004").mkdir(parents=True)
@@ -224,7 +223,7 @@ def test_a_finished_run_without_its_checkpoint_is_refused(
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
     ran: list[list[str]] = []
-    monkeypatch.setattr(run_study.subprocess, "run", lambda argv, **kw: ran.append(argv))
+    monkeypatch.setattr(run_study, "run_process", lambda argv, log, env: ran.append(argv))
     _write(out / "squad" / "base" / "eval_base.json", {"val_loss": 3.0, "f1": 5.0})
     _sweep(out)  # lora's sweep has finished: its 0.001 run waits for its test score
     assert run_study.main(["--out", str(out), *GRID, "--match", "squad/lora_*"]) == 1

@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tiedlora_megatron.config import PRESETS, SUPPORTED_TARGETS, ConfigError
 from tiedlora_megatron.finetune.config import JobConfig, load_job_config, validate
@@ -336,14 +336,18 @@ def run_job(study: Study, job: Job) -> None:
     with log_file.open("a") as log:
         log.write(f"+ {shlex.join(argv)}\n")
         log.flush()
-        rc = subprocess.run(
-            [*launcher, *argv[1:]], stdout=log, stderr=subprocess.STDOUT, env=env
-        ).returncode
+        rc = run_process([*launcher, *argv[1:]], log, env)
     if rc != 0 or not job.result.is_file():
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-20:])
         why = f"exit status {rc}" if rc else f"no {job.result.name} (stopped early?)"
         raise StudyError(f"{job.label}: {why}; rerun to resume. Log {log_file}:\n{tail}")
     print(f"  done in {format_seconds(time.perf_counter() - t0)}", flush=True)
+
+
+def run_process(argv: list[str], log: IO[str], env: dict[str, str]) -> int:
+    """Run one job process, its output going to `log`; its exit status. (The tests replace
+    this function, never the shared `subprocess` module that other code also uses.)"""
+    return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def execute(study: Study, jobs: Iterator[Job], only: int | None) -> None:
