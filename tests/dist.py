@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
+import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -26,16 +26,8 @@ _TIMEOUT_S = float(os.environ.get(_TIMEOUT_ENV, "300"))
 _FAILED_GRACE_S = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
+def _worker(rank: int, world_size: int, store_file: str, inbox, outbox) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
@@ -48,7 +40,11 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     from tiedlora_megatron.runtime import enable_cpu_runtime
 
     enable_cpu_runtime()
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file store, not a TCP port: a free port picked here can be taken by another process
+    # (another test run) before the ranks bind it.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size
+    )
     parent = os.getppid()
     try:
         while True:
@@ -83,13 +79,14 @@ class ProcessGroupPool:
         self.world_size = world_size
         self._closed_by: str | None = None
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        self._store_dir = tempfile.TemporaryDirectory(prefix="tiedlora-pool-")
+        store_file = os.path.join(self._store_dir.name, "store")
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(world_size)]
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, port, self._inboxes[rank], self._outbox),
+                args=(rank, world_size, store_file, self._inboxes[rank], self._outbox),
                 # Not daemonic: dist_checkpointing.save starts a multiprocessing Manager.
                 daemon=False,
             )
@@ -143,6 +140,7 @@ class ProcessGroupPool:
             if p.is_alive():
                 p.kill()
                 p.join()
+        self._store_dir.cleanup()
 
     def __enter__(self) -> ProcessGroupPool:
         return self
