@@ -208,6 +208,64 @@ launch_check_config() {
   [[ -f $LAUNCH_CONFIG ]] || launch_die "config file '$LAUNCH_CONFIG' not found (from $PWD)"
 }
 
+# The Python that runs the pre-launch check (the job's own): $TIEDLORA_PYTHON, else TORCHRUN's
+# first word when that is a python ("python -m torch.distributed.run"), else the interpreter on
+# the torchrun script's #! line, else the python beside it, else python3. Sets LAUNCH_PYTHON.
+LAUNCH_PYTHON=()
+launch_find_python() {
+  local launcher line
+  if [[ -n ${TIEDLORA_PYTHON:-} ]]; then
+    read -r -a LAUNCH_PYTHON <<<"$TIEDLORA_PYTHON"
+    return 0
+  fi
+  if [[ ${LAUNCH_TORCHRUN[0]##*/} == python* ]]; then
+    LAUNCH_PYTHON=("${LAUNCH_TORCHRUN[0]}")
+    return 0
+  fi
+  launcher=$(command -v "${LAUNCH_TORCHRUN[0]}" 2>/dev/null || true)
+  if [[ -n $launcher && -f $launcher ]]; then
+    IFS= read -r line <"$launcher" || true
+    if [[ $line == '#!'* ]]; then
+      read -r -a LAUNCH_PYTHON <<<"${line#\#!}"
+      [[ ${LAUNCH_PYTHON[0]:-} != */env ]] || LAUNCH_PYTHON=("${LAUNCH_PYTHON[@]:1}")
+      if [[ ${LAUNCH_PYTHON[0]:-} == *python* ]] && command -v "${LAUNCH_PYTHON[0]}" >/dev/null; then
+        return 0
+      fi
+    fi
+    if [[ -x ${launcher%/*}/python ]]; then
+      LAUNCH_PYTHON=("${launcher%/*}/python")
+      return 0
+    fi
+  fi
+  LAUNCH_PYTHON=(python3)
+}
+
+# launch_check NPROC [DELAY]: check the whole config for NPROC processes in one process before
+# torchrun starts (`tiedlora-finetune show --check --nproc NPROC`: layout, optimizer values,
+# data files, validation split size, output directory writability), so a mistake is one message
+# in seconds rather than an error on every rank. On failure print the check's message and exit
+# 2, after DELAY seconds (default 0): nodes other than the first wait, so that under
+# `srun --kill-on-bad-exit` only the first node's copy of a shared mistake is printed. A dry run
+# and TIEDLORA_SKIP_CHECK=1 skip the check.
+launch_check() {
+  local nproc=$1 delay=${2:-0} out status=0
+  ((LAUNCH_DRY_RUN)) && return 0
+  [[ ${TIEDLORA_SKIP_CHECK:-} == 1 ]] && return 0
+  launch_find_python
+  out=$(env ${LAUNCH_ENV[@]+"${LAUNCH_ENV[@]}"} PYTHONWARNINGS=ignore "${LAUNCH_PYTHON[@]}" \
+    -m "$LAUNCH_MODULE" show --check --nproc "$nproc" --config "$LAUNCH_CONFIG" \
+    ${LAUNCH_OVERRIDES[@]+"${LAUNCH_OVERRIDES[@]}"} 2>&1) || status=$?
+  ((status == 0)) && return 0
+  ((delay > 0)) && sleep "$delay"
+  if ((status == 2)) && [[ -n $out ]]; then
+    printf '%s\n' "$out" >&2
+    exit 2
+  fi
+  launch_die "the config check (${LAUNCH_PYTHON[*]} -m $LAUNCH_MODULE show --check) failed" \
+    "with status $status (set TIEDLORA_PYTHON to the job's python, or TIEDLORA_SKIP_CHECK=1):" \
+    "${out:-no output}"
+}
+
 launch_print_cmd() {
   local line
   printf -v line '%q ' "$@"

@@ -17,6 +17,10 @@
 #   MASTER_PORT  rendezvous port on MASTER_ADDR (default 29500)
 #   NPROC        ranks per node, one per GPU (default 8)
 #   TORCHRUN     launcher command (default: torchrun; e.g. "python -m torch.distributed.run")
+#   TIEDLORA_PYTHON  the job's python for the config check run before torchrun (default: the
+#                one torchrun runs on); TIEDLORA_SKIP_CHECK=1 skips the check;
+#                TIEDLORA_CHECK_GRACE seconds (default 30) a node other than 0 waits before
+#                reporting a failed check (node 0 reports a mistake they share)
 #   Given to the job unless already set (an empty value drops it):
 #   CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron's TP / sequence-parallel comm overlap; FSDP needs
 #   it unset or >1), TORCH_NCCL_ASYNC_ERROR_HANDLING=1, TORCH_NCCL_AVOID_RECORD_STREAMS=1,
@@ -61,6 +65,14 @@ launch_require_int NPROC "$nproc" 1
 launch_gpu_env
 launch_passthrough_env
 launch_check_config
+# Every node checks the whole job; a mistake they share is printed by node 0 only (srun ends the
+# others when it exits), one only a later node sees is printed by that node after a grace delay.
+launch_require_int TIEDLORA_CHECK_GRACE "${TIEDLORA_CHECK_GRACE:=30}" 0
+if ((10#$NODE_RANK == 0)); then
+  launch_check $((10#$NNODES * 10#$nproc))
+else
+  launch_check $((10#$NNODES * 10#$nproc)) "$TIEDLORA_CHECK_GRACE"
+fi
 
 launch_exec "${LAUNCH_TORCHRUN[@]}" \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" \

@@ -12,6 +12,8 @@
 # Environment:
 #   NPROC      ranks to start (default: the GPU count, or 2 on CPU)
 #   TORCHRUN   launcher command (default: torchrun; e.g. "python -m torch.distributed.run")
+#   TIEDLORA_PYTHON  the job's python, for the config check run before torchrun (default: the
+#              one torchrun runs on); TIEDLORA_SKIP_CHECK=1 skips that check
 #   NCCL_*, GLOO_SOCKET_IFNAME   passed through (and shown in the printed command)
 #
 # Examples:
@@ -39,5 +41,6 @@ fi
 launch_require_int NPROC "$nproc" 1
 launch_passthrough_env
 launch_check_config
+launch_check "$nproc"
 
 launch_exec "${LAUNCH_TORCHRUN[@]}" --standalone --nproc-per-node "$nproc" "${LAUNCH_JOB[@]}"

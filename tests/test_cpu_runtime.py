@@ -472,8 +472,11 @@ def test_noop_when_cuda_available(monkeypatch: pytest.MonkeyPatch) -> None:
             schedules.torch,
             random.torch,
             random._set_cuda_rng_state,
-            fs._get_write_results_queue,
-            fs.FileSystemWriterAsync.write_preloaded_data_multiproc,
+            # megatron-core 0.16 names (forked writers, `_get_write_results_queue`) and 0.19's
+            # (threaded writers, `get_write_results_queue`); each version has one pair.
+            getattr(fs, "_get_write_results_queue", None),
+            getattr(fs.FileSystemWriterAsync, "write_preloaded_data_multiproc", None),
+            getattr(fs, "get_write_results_queue", None),
         )
 
     before = snapshot()

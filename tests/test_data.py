@@ -270,6 +270,45 @@ def test_load_jsonl_errors(tmp_path, lines, match):
         load_jsonl(_write(tmp_path, *lines))
 
 
+def _chat(*roles: str) -> str:
+    return json.dumps({"messages": [{"role": r, "content": f"{r} text"} for r in roles]})
+
+
+@pytest.mark.parametrize(
+    ("roles", "match"),
+    [
+        (("assistant", "user", "assistant"), r":1: message 0 has role 'assistant' where 'user'"),
+        (("user", "user", "assistant"), r":1: message 1 has role 'user' where 'assistant'"),
+        (("system", "system", "user", "assistant"), r"message 1 has a second system message"),
+        (("user", "assistant", "system", "assistant"), r"message 2 has a second system message"),
+        (("system",), r":1: only a system message"),
+        (("system", "user"), r"last message must be the assistant's answer \(message 1"),
+    ],
+)
+def test_load_jsonl_checks_chat_role_order(tmp_path, roles, match):
+    with pytest.raises(DataError, match=match):
+        load_jsonl(_write(tmp_path, _chat(*roles)))
+    ok = load_jsonl(_write(tmp_path, _chat("system", "user", "assistant", "user", "assistant")))
+    assert ok[0].answer == "assistant text" and len(ok[0].prompt) == 4
+
+
+def test_load_jsonl_names_file_line_and_column(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = b'{"input": "a", "output": "b"}\n'
+    path.write_bytes(good + b'{"input": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(DataError, match=r"data.jsonl:2: invalid UTF-8 \(byte 0xe9 at column 15\)"):
+        load_jsonl(path)
+    # A truncated line: the column is where the line ends, not column 1 of the next line.
+    path.write_bytes(good + good + b'{"input": "a", "output": "b"\n')
+    with pytest.raises(DataError, match=r"data.jsonl:3: invalid JSON: .* \(column 29\)"):
+        load_jsonl(path)
+    path.write_bytes(b'{"input": "a", "output": }\n')
+    with pytest.raises(DataError, match=r"data.jsonl:1: invalid JSON: .* \(column 26\)"):
+        load_jsonl(path)
+    path.write_bytes(b"\xef\xbb\xbf" + good)  # a UTF-8 byte-order mark is fine
+    assert load_jsonl(path)[0].answer == "b"
+
+
 def test_load_jsonl_missing_file(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl: no such file"):
         load_jsonl(tmp_path / "nope.jsonl")

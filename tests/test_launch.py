@@ -64,6 +64,9 @@ def stubs(tmp_path: Path) -> Path:
         "scontrol",
         '[ "$1 $2" = "show hostnames" ] || exit 1\nprintf "node001\\nnode002\\n"\n',
     )
+    # The python beside the stub torchruns, which the scripts run the config check with: it
+    # records its arguments and passes.
+    _stub(directory, "python", f'echo "$*" >> "{directory}/python.log"\n')
     return directory
 
 
@@ -245,6 +248,11 @@ def test_single_node_execs_with_the_env(stubs, workdir):
         "arg:a 'b'",
     ]
     assert result.stderr.startswith(f"+ env OMP_NUM_THREADS=1 {torchrun} --standalone")
+    # The config was checked first, in one process, for the 2 ranks about to start.
+    assert (stubs / "python.log").read_text() == (
+        "-m tiedlora_megatron.finetune show --check --nproc 2 --config cfg.yaml "
+        "run.name=my run a 'b'\n"
+    )
 
 
 def test_single_node_checks_the_config_for_real(stubs, workdir):

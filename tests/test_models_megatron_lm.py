@@ -208,12 +208,19 @@ def _error(path: str) -> str:
 
 
 def _copy_with_args(src: Path, dst: Path, **overrides) -> None:
-    """A copy of a Megatron-LM checkpoint root whose saved args are changed."""
+    """A copy of a Megatron-LM checkpoint root whose saved args are changed.
+
+    megatron-core 0.16 keeps the common state in `common.pt`; 0.19 keeps it inside the
+    checkpoint's tensor files, where it cannot be edited in place, but reads a `common.pt` first
+    (as for checkpoints that 0.16 wrote). So the changed state is written as `common.pt` on both.
+    """
+    from tiedlora_megatron import compat
+
     shutil.copytree(src, dst)
-    common = dst / "iter_0000100" / "common.pt"
-    state = torch.load(common, weights_only=False)
+    iter_dir = dst / "iter_0000100"
+    state = compat.read_common_state(iter_dir, lambda b: torch.load(b, weights_only=False))
     state["args"] = argparse.Namespace(**{**vars(state["args"]), **overrides})
-    torch.save(state, common)
+    torch.save(state, iter_dir / compat.COMMON_STATE_FILE)
 
 
 def test_errors_name_the_problem(pool, saved, tmp_path):

@@ -97,10 +97,15 @@ def _super_init_parallel_mode(name: str):
 # -- layer recognition --------------------------------------------------------------------------
 
 
+# TE wrappers that megatron-core added after 0.16 (te.py names them for the releases that have
+# them; older ones simply never build them).
+ADDED_AFTER_0_16 = {"TELMHeadColumnParallelLinear"}
+
+
 def test_megatron_defines_every_te_class_named_here():
     classes = _megatron_te_classes()
     named = {*te.SUPPORTED_TE_LAYERS, *te.UNSUPPORTED_TE_LAYERS, te.FUSED_TE_MLP}
-    assert named <= classes.keys(), named - classes.keys()
+    assert named - ADDED_AFTER_0_16 <= classes.keys(), named - classes.keys()
 
 
 def test_every_megatron_te_linear_wrapper_is_adapted_or_refused_by_name():

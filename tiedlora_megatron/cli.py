@@ -59,17 +59,33 @@ def _params(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Single-process (TP = PP = 1): load the HF base and the adapter checkpoint, then export."""
+    """Single-process (TP = PP = 1): load the HF base and the adapter checkpoint, then export.
+
+    Refuses, before loading anything, an --out that is, lies in or contains --base or --adapter,
+    and an --overwrite of anything but an earlier export; the adapter checkpoint is verified
+    (`verify_adapter_checkpoint`) and checked against the model as it loads."""
+    from pathlib import Path
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from tiedlora_megatron import TiedLoRAConfig, apply_tied_lora
-    from tiedlora_megatron.checkpoint import CheckpointError, load_adapter_checkpoint, read_metadata
-    from tiedlora_megatron.export import ExportError, export_merged_hf, export_peft
+    from tiedlora_megatron.checkpoint import (
+        load_adapter_checkpoint,
+        verify_adapter_checkpoint,
+    )
+    from tiedlora_megatron.export import export_merged_hf, export_peft
+    from tiedlora_megatron.export_write import check_destination
     from tiedlora_megatron.models import load_hf_model
     from tiedlora_megatron.runtime import enable_cpu_runtime, free_port
 
+    protected = {"base model": Path(args.base), "adapter checkpoint": Path(args.adapter)}
+    try:
+        check_destination(Path(args.out), args.overwrite, protected)
+        meta = verify_adapter_checkpoint(args.adapter)
+    except Exception as e:  # noqa: BLE001 - known failures get one line, bugs a traceback
+        return _report(e)
     enable_cpu_runtime()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
@@ -77,17 +93,21 @@ def _export(args: argparse.Namespace) -> int:
     try:
         ps.initialize_model_parallel(1, 1)
         model_parallel_cuda_manual_seed(1234)
-        config = TiedLoRAConfig.from_dict(read_metadata(args.adapter)["adapter_config"])
+        config = TiedLoRAConfig.from_dict(meta["adapter_config"])
         chunks, _ = load_hf_model(args.base)
         adapters = apply_tied_lora(chunks, config)
         load_adapter_checkpoint(args.adapter, chunks, adapters)
-        if args.format == "peft":
-            out = export_peft(adapters, chunks, args.base, args.out, overwrite=args.overwrite)
-        else:
-            out = export_merged_hf(adapters, chunks, args.base, args.out, overwrite=args.overwrite)
-    except (CheckpointError, ConfigError, ExportError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        export = export_peft if args.format == "peft" else export_merged_hf
+        out = export(
+            adapters,
+            chunks,
+            args.base,
+            args.out,
+            overwrite=args.overwrite,
+            adapter_checkpoint=args.adapter,
+        )
+    except Exception as e:  # noqa: BLE001 - known failures get one line, bugs a traceback
+        return _report(e)
     finally:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
@@ -117,10 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--adapter", required=True, help="a Tied-LoRA adapter checkpoint directory")
     e.add_argument("--format", choices=["peft", "merged-hf"], required=True)
-    e.add_argument("--out", required=True, help="the directory to write (must not exist)")
-    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument(
+        "--out",
+        required=True,
+        help="the directory to write: must not exist, and must not be, lie in or contain --base "
+        "or --adapter",
+    )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is an earlier export of this tool (it holds the marker file "
+        ".tiedlora_export.json); anything else is refused. The new export is written beside it "
+        "and swapped in only when complete",
+    )
     e.set_defaults(func=_export)
     return parser
+
+
+def _report(error: Exception) -> int:
+    """One line and exit status 2 for a known failure (checkpoint, export, config, I/O, bad
+    text); anything else is a bug and keeps its traceback."""
+    from tiedlora_megatron.finetune.cli import failure_message
+
+    message = failure_message(error)
+    if message is None:
+        raise error
+    print(f"tiedlora-megatron: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

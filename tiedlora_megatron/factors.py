@@ -137,14 +137,8 @@ def sharded_factor_entries(
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-    column = layout.parallel == "column"
-    axis = {}
-    for name in tensors:
-        factor = name.rsplit(".", 1)[-1]
-        if column and factor in ("B", "v"):
-            axis[name] = 0
-        elif not column and factor == "A":
-            axis[name] = 1
+    dims = {name: layout.shard_dim(name.rsplit(".", 1)[-1]) for name in tensors}
+    axis = {name: dim for name, dim in dims.items() if dim is not None}
     entries = make_sharded_tensors_for_checkpoint(dict(tensors), prefix, axis, sharded_offsets)
     if layout.gated:  # at every TP, so that checkpoints reshard
         for name in axis:

@@ -91,6 +91,22 @@ class TiedLoRAAdapters:
             per_layer = int(t.item())
         return tied + per_layer
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every factor as a full CPU tensor keyed by global layer, the same at every layout
+        (`full_state.full_state_dict`). Collective over the model-parallel ranks."""
+        from tiedlora_megatron.full_state import full_state_dict
+
+        return full_state_dict(self)
+
+    def load_full_state_dict(
+        self, state: dict[str, torch.Tensor], strict: bool = True
+    ) -> list[str]:
+        """Set every factor from full tensors keyed as `full_state_dict` returns them; returns
+        the keys not in `state` (`full_state.load_full_state_dict`). Collective likewise."""
+        from tiedlora_megatron.full_state import load_full_state_dict
+
+        return load_full_state_dict(self, state, strict)
+
     def detach(self) -> None:
         """Stop every adapter from adding its update (parameters stay in the model)."""
         for chunk_adapters in self.adapters:

@@ -83,6 +83,14 @@ class LinearLayout:
             [torch.arange(start, start + n), torch.arange(half + start, half + start + n)]
         )
 
+    def shard_dim(self, factor: str) -> int | None:
+        """The dimension along which TP splits adapter factor `factor` ("A", "B", "u" or "v"),
+        following the base: a column base's B and v along d_out (0), a row base's A along d_in
+        (1); None where the factor is replicated."""
+        if self.parallel == "column":
+            return 0 if factor in ("B", "v") else None
+        return 1 if factor == "A" else None
+
     def local_in_index(self) -> slice:
         """Columns of a full d_in-sized tensor (A) that this rank holds."""
         if self.parallel == "column":

@@ -5,7 +5,8 @@ without TE. megatron-core's TE wrappers are recognised by their class's qualifie
 telling them apart needs no TE import either; only adapting one asks for TE (`require_te`).
 
 What the adapter relies on from TE, read from TE's 1.x and 2.x sources (`LayerNormLinear`,
-`Linear`) and megatron-core 0.16's wrappers (`megatron/core/extensions/transformer_engine.py`):
+`Linear`) and megatron-core 0.16's and 0.19's wrappers
+(`megatron/core/extensions/transformer_engine.py`):
 - the module attributes `parallel_mode`, `tp_size`, `tp_group`, `sequence_parallel`,
   `in_features` (local for a row layer) and `out_features` (local for a column layer);
 - `LayerNormLinear.return_layernorm_output`, read at every forward: when set, TE returns the
@@ -52,6 +53,9 @@ UNSUPPORTED_TE_LAYERS: dict[str, Literal["column", "row"]] = {
     "TEGroupedLinear": "grouped (MoE expert) layers are not supported",
     "TEColumnParallelGroupedLinear": "grouped (MoE expert) layers are not supported",
     "TERowParallelGroupedLinear": "grouped (MoE expert) layers are not supported",
+    # megatron-core >= 0.19: GPTModel's output layer under MXFP8 (`fp8_output_proj`); it gathers
+    # its own output and is never one of the transformer layers' adapter targets.
+    "TELMHeadColumnParallelLinear": "the MXFP8 LM head (output_layer) is not an adapter target",
 }
 
 
@@ -61,9 +65,9 @@ class TransformerEngineUnavailableError(ImportError):
 
 def te_version() -> Version | None:
     """The installed Transformer Engine version, or None when TE cannot be imported."""
-    from megatron.core.utils import get_te_version
+    from tiedlora_megatron.compat import installed_te_version
 
-    return get_te_version()
+    return installed_te_version()
 
 
 def require_te() -> Version:

@@ -66,6 +66,32 @@ def _check_messages(messages: Any, where: str) -> Messages:
     return messages
 
 
+def _check_role_order(messages: Messages, where: str) -> None:
+    """An optional leading system message, then user and assistant taking turns, starting with
+    the user and ending with the assistant's answer (the one the loss is taken on)."""
+    roles = [m["role"] for m in messages]
+    start = 1 if roles[0] == "system" else 0
+    turns = roles[start:]
+    if not turns:
+        raise DataError(
+            f"{where}: only a system message; a user message and the assistant's "
+            "answer must follow it"
+        )
+    for i, role in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            what = "a second system message" if role == "system" else f"role {role!r}"
+            raise DataError(
+                f"{where}: message {start + i} has {what} where {expected!r} belongs; messages "
+                "must be an optional 'system' first, then 'user' and 'assistant' taking turns"
+            )
+    if turns[-1] != "assistant":
+        raise DataError(
+            f"{where}: the last message must be the assistant's answer (message "
+            f"{len(roles) - 1} has role {turns[-1]!r})"
+        )
+
+
 def _parse_line(obj: Any, where: str) -> Example:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -78,10 +104,7 @@ def _parse_line(obj: Any, where: str) -> Example:
         raise DataError(f"{where}: 'references' must be a list of non-empty strings")
     if "messages" in obj:
         messages = _check_messages(obj["messages"], where)
-        if messages[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the last message must be the assistant's answer")
-        if len(messages) < 2:
-            raise DataError(f"{where}: the assistant's answer needs a message before it")
+        _check_role_order(messages, where)
         prompt: str | Messages = messages[:-1]
         answer = messages[-1]["content"]
     else:
@@ -103,15 +126,26 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     examples = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{p}:{lineno}"
             try:
-                obj = json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[: e.start].decode("utf-8", errors="replace")) + 1
+                raise DataError(
+                    f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+                    "save the file as UTF-8"
+                ) from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+                # A line is one JSON document: its column is the position within the line.
+                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.pos + 1})") from None
             examples.append(_parse_line(obj, where))
     if not examples:
         raise DataError(f"{p}: no examples")

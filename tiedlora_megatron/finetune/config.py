@@ -156,6 +156,11 @@ class TrainSection:
     resume: str = "auto"
     """'auto' (continue from the newest checkpoint in output_dir, if any), 'never' (refuse an
     output_dir that has checkpoints), or the path of a checkpoint to resume from."""
+    on_config_change: str = "refuse"
+    """When this configuration differs from the resumed checkpoint's in a key that can change
+    the result: 'refuse' (the default; name the keys) or 'continue' (carry the adapters and
+    optimizer state on under this configuration, the LR schedule rebuilt from it). Keys that
+    cannot change the result: `finetune.checkpoints.RESULT_NEUTRAL_KEYS`."""
     keep_checkpoints: int = 2
     """How many step checkpoints to keep (the final one is always kept)."""
     exit_interval: int | None = None
@@ -398,6 +403,23 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = 
             f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0 and below "
             f"train.steps={t.steps}"
         )
+    o = cfg.optim
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr={o.lr} must be > 0 (the peak learning rate)")
+    if o.min_lr < 0:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be >= 0")
+    if o.min_lr > o.lr:
+        raise ConfigError(
+            f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}; the decay ends at min_lr, "
+            "so it must be <= lr"
+        )
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise ConfigError(f"optim.{name}={getattr(o, name)} must be in [0, 1)")
+    if not o.adam_eps > 0:
+        raise ConfigError(f"optim.adam_eps={o.adam_eps} must be > 0")
     if cfg.optim.clip_grad < 0:
         raise ConfigError("optim.clip_grad must be >= 0")
     if d.seq_length is not None and d.seq_length < 2:
@@ -422,6 +444,7 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = 
         except DataError as e:
             raise ConfigError(f"data.task: {e}") from None
 
+    _choice(t.on_config_change, ("refuse", "continue"), "train.on_config_change")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint directory")
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tiedlora_megatron import compat
 from tiedlora_megatron.models.arch import GPTArch, ModelInfo, build_model
 
 ARCH_KEY = "tiedlora_arch"
@@ -93,11 +94,11 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def _safe_globals(common_file: Path) -> list:
+def _safe_globals(pickled: io.BytesIO) -> list:
     """Types Megatron-LM pickles into the common state that torch's weights-only loader refuses
     by default: the args `Namespace`, byte buffers and megatron enums (all inert data)."""
     allowed: list = []
-    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(common_file)):
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(pickled):
         module, _, attr = name.rpartition(".")
         if name in _PLAIN_TYPES:
             allowed.append(_PLAIN_TYPES[name])
@@ -111,17 +112,19 @@ def _safe_globals(common_file: Path) -> list:
     return allowed
 
 
-def read_common_state(ckpt_dir: Path) -> dict:
-    """A dist checkpoint's common (non-sharded) state, e.g. Megatron-LM's `args`."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+def _weights_only_unpickle(pickled: io.BytesIO) -> Any:
+    """Unpickle with torch's weights-only loader, allowing only `_safe_globals`' extra types."""
+    allowed = _safe_globals(pickled)
+    pickled.seek(0)
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(pickled, map_location="cpu", weights_only=True)
 
-    common_file = ckpt_dir / COMMON_STATE_FNAME
-    if not common_file.is_file():
-        return {}
+
+def read_common_state(ckpt_dir: Path) -> dict:
+    """A dist checkpoint's common (non-sharded) state, e.g. Megatron-LM's `args`, unpickled
+    weights-only (megatron-core 0.19's own reader would unpickle anything)."""
     try:
-        with torch.serialization.safe_globals(_safe_globals(common_file)):
-            return dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+        return compat.read_common_state(ckpt_dir, _weights_only_unpickle)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"cannot read the common state of {ckpt_dir} safely ({e}); pass arch= to load the "
@@ -253,18 +256,6 @@ def _embedding_shape(ckpt_dir: Path) -> tuple[str, tuple[int, ...]]:
     return key[: -len(EMBEDDING_KEY)], tuple(metadata[key].global_shape)
 
 
-def _no_common_state():
-    """A common-state loader that skips the file: the weights need none of it, and Megatron-LM's
-    pickled training state (optimizer, RNG, args) is not ours to unpickle."""
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-
-    class NoCommonState(TorchCommonLoadStrategy):
-        def load_common(self, checkpoint_dir: str | Path) -> dict:
-            return {}
-
-    return NoCommonState()
-
-
 def load_megatron_model(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
@@ -276,7 +267,6 @@ def load_megatron_model(
     `path` is a dist checkpoint, a Megatron-LM checkpoint root or a NeMo 2 checkpoint; `arch`
     overrides (or, for checkpoints that record none, supplies) the architecture.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 
     ckpt_dir = resolve_checkpoint_dir(path)
@@ -291,7 +281,9 @@ def load_megatron_model(
     keys = _chunk_keys(chunks)
     sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks, strict=True)}
     add_prefix_for_sharding(sharded, prefix)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir), common_strategy=_no_common_state())
+    # The weights need none of the common state, and Megatron-LM's / NeMo's pickled training
+    # state (optimizer, RNG, args) is not ours to unpickle.
+    loaded = compat.load_without_common_state(sharded, ckpt_dir)
     for key, chunk in zip(keys, chunks, strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
     return chunks, ModelInfo(arch=arch, path=str(path), format="megatron")

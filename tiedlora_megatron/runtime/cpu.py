@@ -1,10 +1,15 @@
 """megatron-core on CPU with gloo: every redirect of its hard-coded CUDA calls, in one place.
 
-megatron-core (0.16.x; looked up defensively so 0.19.x names do not crash this) assumes a GPU in
-many places. `enable_cpu_runtime()` redirects them to the CPU. It does nothing when
-`torch.cuda.is_available()`, and calling it again changes nothing.
+megatron-core assumes a GPU in many places. `enable_cpu_runtime()` redirects them to the CPU. It
+does nothing when `torch.cuda.is_available()`, and calling it again changes nothing.
 
-Three kinds of redirect, narrowest first:
+Checked against megatron-core 0.16.1 and 0.19.2: every module and callable named below exists in
+both with the same CUDA assumption (file names are 0.16's; 0.19 moved none), except the checkpoint
+writer of redirect 5, which 0.19 rewrote (threads instead of forked processes) and which is
+redirected per version. Every target is looked up defensively and checked by signature where its
+arguments matter, so a release that lacks or changed one skips that redirect instead of crashing.
+
+Five kinds of redirect, narrowest first:
 
 1. `torch` inside selected megatron modules (`_DEVICE_LITERAL_MODULES`) is replaced by a copy of
    the torch module whose factory functions (`tensor`, `zeros`, `empty`, ...) map a CUDA `device`
@@ -59,13 +64,17 @@ Three kinds of redirect, narrowest first:
      (CPU work is synchronous): DDP `communication_stream` and param_and_grad_buffer's
      `wait_stream` / `torch.cuda.stream(...)` with overlap_grad_reduce.
 
-5. `dist_checkpointing` writes its files in the calling process. Its synchronous save still forks
-   one writer process per file bucket (`FileSystemWriterAsync.write_preloaded_data_multiproc`)
-   and collects their results through a spawned multiprocessing Manager. Forking a CPU rank
-   while gloo's threads run can deadlock the child (seen: a save that never returned), and the
-   Manager costs 3-9 s per process. Both are replaced by a loop over the buckets in the calling
-   process, which writes the same files; megatron's async save (a background process) is not
-   supported on this runtime. Left alone when the megatron version's signatures differ.
+5. `dist_checkpointing` writes its files in the calling process, with no helper process.
+   megatron-core 0.16 forks one writer process per file bucket
+   (`FileSystemWriterAsync.write_preloaded_data_multiproc`) and collects their results through a
+   spawned multiprocessing Manager (`_get_write_results_queue`). Forking a CPU rank while gloo's
+   threads run can deadlock the child (seen: a save that never returned), and the Manager costs
+   3-9 s per process and outlives the save. Both are replaced by a loop over the buckets in the
+   calling process, which writes the same files. megatron-core 0.19 already writes with threads
+   (`write_preloaded_data_multithread`) but still collects through a spawned Manager
+   (`get_write_results_queue(mp_mode)`); there only the queue is replaced by a plain
+   `queue.Queue`. megatron's async save (a background process) is not supported on this
+   runtime. Each is left alone when the megatron version's signatures differ.
 """
 
 from __future__ import annotations
@@ -373,11 +382,19 @@ _BUCKET_WRITE_ARGS = [
 
 
 def _write_checkpoints_in_process() -> None:
-    """Write dist_checkpointing's file buckets in this process (redirect 5)."""
+    """Write dist_checkpointing's file buckets without helper processes (redirect 5)."""
     fs = _import("megatron.core.dist_checkpointing.strategies.filesystem_async")
     writer = getattr(fs, "FileSystemWriterAsync", None)
-    if writer is None or not hasattr(fs, "_get_write_results_queue"):
+    if writer is None:
         return
+    if hasattr(fs, "_get_write_results_queue"):  # 0.16: forked writers + a Manager queue
+        _write_buckets_in_process(fs, writer)
+    elif hasattr(fs, "get_write_results_queue"):  # 0.19: writer threads + a Manager queue
+        _collect_results_in_process(fs, writer)
+
+
+def _write_buckets_in_process(fs: types.ModuleType, writer: type) -> None:
+    """megatron-core 0.16: a loop over the buckets replaces the forked writer processes."""
     multiproc = list(inspect.signature(writer.write_preloaded_data_multiproc).parameters)
     bucket = list(inspect.signature(writer.write_preloaded_data).parameters)
     if multiproc != _MULTIPROC_WRITE_ARGS or bucket != _BUCKET_WRITE_ARGS:
@@ -402,3 +419,14 @@ def _write_checkpoints_in_process() -> None:
     results_queue: queue.Queue = queue.Queue()
     fs._get_write_results_queue = lambda: results_queue
     writer.write_preloaded_data_multiproc = staticmethod(write_buckets)
+
+
+def _collect_results_in_process(fs: types.ModuleType, writer: type) -> None:
+    """megatron-core 0.19: the writers are threads already; a plain queue replaces the Manager's."""
+    threaded = getattr(writer, "write_preloaded_data_multithread", None)
+    if threaded is None or list(inspect.signature(threaded).parameters) != _MULTIPROC_WRITE_ARGS:
+        return
+    if list(inspect.signature(fs.get_write_results_queue).parameters) != ["mp_mode"]:
+        return
+    results_queue: queue.Queue = queue.Queue()
+    fs.get_write_results_queue = lambda mp_mode="spawn": results_queue
