@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.dist import ProcessGroupPool
+from tests.tiny_gpt import write_base
 
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 RANK = 4
@@ -20,22 +21,10 @@ def pool():
         yield p
 
 
-def _write_base(ckpt_dir: str) -> None:
-    from megatron.core import parallel_state as ps
-
-    from tests.tiny_gpt import build_chunks, init_layout, save_base
-
-    config = init_layout()
-    try:
-        save_base(build_chunks(config, seed=7)[0], ckpt_dir)
-    finally:
-        ps.destroy_model_parallel()
-
-
 @pytest.fixture(scope="module")
 def base_dir(pool, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("base") / "ckpt")
-    pool.run(_write_base, path)
+    pool.run(write_base, path)
     return path
 
 

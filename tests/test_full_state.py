@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.dist import ProcessGroupPool
+from tests.tiny_gpt import write_base
 
 WORLD = 8
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -48,22 +49,10 @@ def pool():
         yield p
 
 
-def _write_base(ckpt_dir: str) -> None:
-    from megatron.core import parallel_state as ps
-
-    from tests.tiny_gpt import build_chunks, init_layout, save_base
-
-    config = init_layout(**MODEL)
-    try:
-        save_base(build_chunks(config, seed=7)[0], ckpt_dir)
-    finally:
-        ps.destroy_model_parallel()
-
-
 @pytest.fixture(scope="module")
 def base_dir(pool, tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("base") / "ckpt")
-    pool.run(_write_base, path)
+    pool.run(write_base, path, **MODEL)
     return path
 
 

@@ -195,6 +195,18 @@ def save_base(chunk, ckpt_dir: str) -> None:
     dist_checkpointing.save(chunk.sharded_state_dict(), ckpt_dir)
 
 
+def write_base(ckpt_dir: str, seed: int = 7, **model) -> None:
+    """Build the tiny GPT (`model`: gpt_config overrides) at TP = PP = 1 from `seed` and save
+    it with `save_base`: a base that every layout under test then loads."""
+    from megatron.core import parallel_state as ps
+
+    config = init_layout(**model)
+    try:
+        save_base(build_chunks(config, seed=seed)[0], ckpt_dir)
+    finally:
+        ps.destroy_model_parallel()
+
+
 def load_base(chunks, ckpt_dir: str) -> None:
     """Load base weights into this layout's chunks (one load: megatron validates coverage)."""
     from megatron.core import dist_checkpointing

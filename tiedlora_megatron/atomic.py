@@ -32,6 +32,18 @@ def raise_on_every_rank(error: Exception | None, what: str) -> None:
         raise CollectiveError(f"{what}: {message[0]}")
 
 
+def problems_on_every_rank(
+    problems: list[str], group: dist.ProcessGroup | None = None
+) -> list[str]:
+    """Every rank's `problems` on every rank of `group` (rank order, without repeats), so that
+    all ranks raise together, before any of them changes state, even where only some found one."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return problems
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, problems, group=group)
+    return list(dict.fromkeys(p for rank in every for p in rank))
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

@@ -38,7 +38,12 @@ import torch.distributed as dist
 from torch import nn
 
 from tiedlora_megatron import compat
-from tiedlora_megatron.atomic import raise_on_every_rank, replace_dir, write_json_atomic
+from tiedlora_megatron.atomic import (
+    problems_on_every_rank,
+    raise_on_every_rank,
+    replace_dir,
+    write_json_atomic,
+)
 from tiedlora_megatron.config import ConfigError, TiedLoRAConfig
 from tiedlora_megatron.inject import TiedLoRAAdapters, is_adapter_param
 from tiedlora_megatron.optimizer_state import (
@@ -303,17 +308,8 @@ def check_compatible(
         raise CheckpointError(f"{path} does not fit this model:\n  " + "\n  ".join(problems))
 
 
-def _everyone(problems: list[str]) -> list[str]:
-    """Every rank's problems, on every rank (in rank order, without repeats)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return problems
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, problems)
-    return list(dict.fromkeys(p for rank in every for p in rank))
-
-
 def _raise_everywhere(path: Path, problems: list[str]) -> None:
-    problems = _everyone(problems)
+    problems = problems_on_every_rank(problems)
     if problems:
         raise CheckpointError(
             f"{path} does not load into this model ({len(problems)} problem(s)):\n  "

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tiedlora_megatron.atomic import problems_on_every_rank
 from tiedlora_megatron.layouts import LinearLayout
 from tiedlora_megatron.pipeline import pipeline_rank_and_group
 
@@ -208,17 +209,12 @@ def _raise_if_any(problems: list[str]) -> None:
     changes a parameter (ranks could be given different states)."""
     from megatron.core import parallel_state as ps
 
-    found = [problems]
     if dist.is_initialized() and ps.model_parallel_is_initialized():
-        group = ps.get_model_parallel_group()
-        found = [None] * dist.get_world_size(group)
-        dist.all_gather_object(found, problems, group=group)
-    # Every rank sees the same problems unless they were given different states.
-    first = next((p for p in found if p), None)
-    if first:
+        problems = problems_on_every_rank(problems, ps.get_model_parallel_group())
+    if problems:
         raise FullStateError(
-            f"full adapter state does not fit the adapters ({len(first)} problem(s)):\n  "
-            + "\n  ".join(first)
+            f"full adapter state does not fit the adapters ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
         )
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tiedlora_megatron.config import ConfigError
-from tiedlora_megatron.finetune.config import JobConfig, token_multiple
+from tiedlora_megatron.finetune.config import JobConfig, token_multiple, validation_examples
 from tiedlora_megatron.finetune.progress import is_rank0
 
 #: Built-in tasks whose files are fetched into a cache on first use, with the function that
@@ -80,9 +80,7 @@ def split_source(cfg: JobConfig, name: str) -> str:
 def validation_count(cfg: JobConfig, split: Split, dp_size: int) -> int:
     """How many validation examples the validation loss uses: whole micro-batches on every
     data-parallel rank. A ConfigError naming the split and what it needs when that is none."""
-    n = len(split.samples) if cfg.eval.val_examples == 0 else cfg.eval.val_examples
-    unit = cfg.train.micro_batch * dp_size  # every pipeline sees whole micro-batches
-    count = min(n, len(split.samples)) // unit * unit
+    count, unit = validation_examples(cfg, len(split.samples), dp_size)
     if count == 0:
         raise ConfigError(
             f"validation: {split_source(cfg, 'validation')} has {len(split.samples)} usable "

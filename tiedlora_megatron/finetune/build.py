@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tiedlora_megatron.config import ConfigError
-from tiedlora_megatron.finetune.config import JobConfig
+from tiedlora_megatron.finetune.config import JobConfig, tokenizer_path
 
 
 @dataclass
@@ -95,21 +94,16 @@ def load_base(cfg: JobConfig):
     from tiedlora_megatron import models
 
     m, dtype, over = cfg.model, _dtype(cfg), _config_overrides(cfg)
+    tokenizer = tokenizer_path(m)
     if m.source == "smollm2":
         chunks, info = models.load_smollm2(dtype, over, m.spec)
-        tokenizer_path = m.tokenizer or models.default_smollm2_path()
     elif m.source == "hf":
         chunks, info = models.load_hf_model(m.path, dtype, over, m.spec)
-        tokenizer_path = m.tokenizer or m.path
     elif m.source == "gguf":
         chunks, info = models.load_gguf_model(m.path, dtype, over, m.spec)
-        tokenizer_path = m.tokenizer or m.path
     else:
         chunks, info = models.load_megatron_model(m.path, dtype, config_overrides=over)
-        tokenizer_path = m.tokenizer
-        if tokenizer_path is None:
-            raise ConfigError("model.source=megatron needs model.tokenizer (an HF dir or GGUF)")
-    return chunks, info, models.load_tokenizer(tokenizer_path)
+    return chunks, info, models.load_tokenizer(tokenizer)
 
 
 def wrap_for_training(cfg: JobConfig, chunks: list[nn.Module], rt: Runtime) -> list[nn.Module]:

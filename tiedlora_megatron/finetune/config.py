@@ -344,6 +344,29 @@ def token_multiple(cfg: JobConfig) -> int:
     return multiple * (FP8_TOKEN_MULTIPLE if cfg.precision.fp8 is not None else 1)
 
 
+def tokenizer_path(m: ModelSection) -> str:
+    """Where the job's tokenizer comes from: `model.tokenizer`, else the model itself (the
+    SmolLM2 GGUF for `smollm2`); a megatron checkpoint carries none."""
+    if m.tokenizer is not None:
+        return m.tokenizer
+    if m.source == "smollm2":
+        from tiedlora_megatron.models import default_smollm2_path
+
+        return str(default_smollm2_path())
+    if m.source == "megatron":
+        raise ConfigError("model.source=megatron needs model.tokenizer (an HF dir or GGUF)")
+    return m.path
+
+
+def validation_examples(cfg: JobConfig, usable: int, dp_size: int) -> tuple[int, int]:
+    """(examples the validation loss uses, the unit they come in) for a validation split of
+    `usable` examples: whole micro-batches on every data-parallel rank, at most
+    `eval.val_examples` (0: all). The job and the pre-launch check share this rule."""
+    wanted = usable if cfg.eval.val_examples == 0 else min(usable, cfg.eval.val_examples)
+    unit = cfg.train.micro_batch * dp_size  # every pipeline sees whole micro-batches
+    return wanted // unit * unit, unit
+
+
 def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = True) -> None:
     """Raise a ConfigError for anything wrong that is knowable before process groups start."""
     world = world_size or world_size_from_env()

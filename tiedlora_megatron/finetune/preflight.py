@@ -12,8 +12,9 @@ from pathlib import Path
 from tiedlora_megatron.config import ConfigError
 from tiedlora_megatron.finetune.config import (
     JobConfig,
-    ModelSection,
+    tokenizer_path,
     validate,
+    validation_examples,
     world_size_from_env,
 )
 
@@ -42,18 +43,6 @@ def check_output_dir(path: str | os.PathLike) -> None:
         ) from None
 
 
-def _tokenizer_path(m: ModelSection) -> str:
-    from tiedlora_megatron.models import default_smollm2_path
-
-    if m.tokenizer is not None:
-        return m.tokenizer
-    if m.source == "smollm2":
-        return str(default_smollm2_path())
-    if m.source == "megatron":
-        raise ConfigError("model.source=megatron needs model.tokenizer (an HF dir or GGUF)")
-    return m.path
-
-
 def check_data_files(cfg: JobConfig, world_size: int) -> None:
     """Read every JSONL file the job names (format, UTF-8, chat roles), tokenise the train and
     validation files, and check that they fill a global batch and a validation batch."""
@@ -67,7 +56,7 @@ def check_data_files(cfg: JobConfig, world_size: int) -> None:
     from tiedlora_megatron.models import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(_tokenizer_path(cfg.model))
+        tokenizer = load_tokenizer(tokenizer_path(cfg.model))
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
@@ -87,9 +76,8 @@ def check_data_files(cfg: JobConfig, world_size: int) -> None:
             )
     if "validation" in loaded:
         n = usable("validation")
-        unit = t.micro_batch * dp
-        wanted = n if cfg.eval.val_examples == 0 else min(n, cfg.eval.val_examples)
-        if wanted // unit == 0:
+        count, unit = validation_examples(cfg, n, dp)
+        if count == 0:
             raise ConfigError(
                 f"data.validation {files['validation']} has {n} examples within data.max_length="
                 f"{d.max_length} tokens (eval.val_examples={cfg.eval.val_examples}), fewer than "
