@@ -60,6 +60,7 @@ def _worker(rank: int, world_size: int, store_file: str, inbox, outbox) -> None:
             try:
                 result = fn(*args, **kwargs)
                 pickle.dumps(result)  # an unpicklable result would be lost in the queue's thread
+                _release_model_parallel_groups()
                 outbox.put((rank, True, result))
             except BaseException:  # noqa: BLE001 - reported to the parent
                 outbox.put((rank, False, traceback.format_exc()))
@@ -70,6 +71,26 @@ def _worker(rank: int, world_size: int, store_file: str, inbox, outbox) -> None:
         outbox.close()
         outbox.join_thread()
         os._exit(0)
+
+
+def _release_model_parallel_groups() -> None:
+    """Destroy the process groups left behind once a job has torn megatron's parallel state
+    down. `destroy_model_parallel` only forgets its groups, and each gloo group keeps its
+    threads: about 100 per rank for every `initialize_model_parallel`, which slowed a module's
+    later tests (and subprocesses) several-fold on two cores."""
+    import gc
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return  # a job that keeps its groups for the next one
+    from torch.distributed.distributed_c10d import GroupMember, _world
+
+    for group in list(_world.pg_map):
+        if group is not GroupMember.WORLD:
+            dist.destroy_process_group(group)
+    gc.collect()  # the groups' threads stop when the last reference goes, some in cycles
 
 
 class ProcessGroupPool:
