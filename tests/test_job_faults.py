@@ -247,6 +247,17 @@ def test_rerun_with_other_settings_is_refused_or_continued(
     point = choose_resume(load_job_config(CONFIG, neutral), out)
     assert point.step == STEPS and not point.changes
 
+    # Rerun as it was, it resumes at its last step and trains nothing: its summary carries the
+    # training time and loss its checkpoint recorded (not "0m00s" and nan) and says 0 this run.
+    same = _run(here)
+    summary = json.loads((out / "summary.json").read_text())
+    first = json.loads((reference["dir"] / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_run"]) == (STEPS, 0)
+    assert summary["final_train_loss"] == first["final_train_loss"]
+    assert summary["train_seconds"] == first["train_seconds"] > 0
+    assert "train" not in summary["seconds"] and summary["seconds"]["final_eval"] > 0
+    assert f"({STEPS} steps, {first['train_seconds'] / STEPS:.2f} s/step, 0 this run)" in same
+
     # Opted in, the extended run trains steps 13-16 with lr > 0 on the rebuilt schedule.
     _run([*here, "train.steps=16", "train.on_config_change=continue"])
     rows = {r["step"]: r for r in _metrics(out) if "loss" in r}
@@ -263,7 +274,72 @@ def test_rerun_with_other_settings_is_refused_or_continued(
     assert meta["scheduler"]["lr_decay_steps"] == 16
 
 
+def test_the_summary_times_each_phase_apart(reference: dict) -> None:
+    from tiedlora_megatron.finetune.progress import timing_text
+
+    summary = json.loads((reference["dir"] / "summary.json").read_text())
+    seconds = summary["seconds"]
+    assert {"load", "train", "save", "final_eval"} <= set(seconds), seconds
+    assert all(v > 0 for v in seconds.values()), seconds
+    assert sum(seconds.values()) <= summary["job_seconds"]
+    assert summary["train_seconds"] == seconds["train"]
+    assert summary["steps_this_run"] == summary["steps"] == STEPS
+    assert timing_text(summary) in reference["log"]
+
+
 # ---- pieces, without process groups -------------------------------------------------------------
+
+
+def test_timing_text_keeps_training_apart_from_loading_and_evaluation() -> None:
+    from tiedlora_megatron.finetune.progress import timing_text
+
+    summary = {
+        "steps": 30,
+        "steps_this_run": 30,
+        "train_seconds": 291.0,
+        "job_seconds": 797.0,
+        "seconds": {"load": 21.0, "base_eval": 240.0, "train": 291.0, "final_eval": 236.0},
+    }
+    assert timing_text(summary) == (
+        "time: load 0m21s | base eval 4m00s | train 4m51s (30 steps, 9.70 s/step) | "
+        "tuned eval 3m56s | this run 13m17s"
+    )
+    resumed = {**summary, "steps_this_run": 0, "job_seconds": 250.0}
+    resumed["seconds"] = {"load": 14.0, "final_eval": 236.0}
+    assert timing_text(resumed) == (
+        "time: load 0m14s | train 4m51s (30 steps, 9.70 s/step, 0 this run) | "
+        "tuned eval 3m56s | this run 4m10s"
+    )
+
+
+def test_a_resumed_run_purges_later_tensorboard_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorBoard gets purge_step = the first step this run logs, so an earlier run's events
+    from there on are hidden rather than plotted twice (tensorboard itself is optional)."""
+    import types
+
+    from tiedlora_megatron.finetune.progress import Scalars
+
+    made: list[dict] = []
+
+    class Writer:
+        def __init__(self, logdir: str, purge_step: int | None = None) -> None:
+            made.append({"logdir": logdir, "purge_step": purge_step})
+
+        def add_scalar(self, *args: object) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    Scalars(tmp_path, first_step=0).close()
+    Scalars(tmp_path, first_step=6).close()
+    assert [m["purge_step"] for m in made] == [None, 7]
+    assert made[0]["logdir"] == str(tmp_path / "tensorboard")
 
 
 def _fake_checkpoint(path: Path) -> Path:
@@ -325,7 +401,13 @@ def test_lock_names_its_holder_and_takes_over_a_stale_one(
     with pytest.raises(ConfigError, match="is in use by another job") as refused:
         OutputDirLock(tmp_path / "run").acquire()
     assert f"PID {os.getpid()}, since {holder['since']}" in str(refused.value)
+    with pytest.raises(ConfigError, match="is in use by another job") as probed:
+        OutputDirLock(tmp_path / "run").check_free()  # the pre-launch check
+    assert str(probed.value) == str(refused.value)
     first.release()
+    OutputDirLock(tmp_path / "run").check_free()
+    OutputDirLock(tmp_path / "never-made").check_free()
+    assert not (tmp_path / "never-made").exists()
     capsys.readouterr()
 
     stale = {"host": "gone-node", "pid": 4242, "since": "2026-01-01T00:00:00Z"}

@@ -53,6 +53,17 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line; the file is complete or absent."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move complete checkpoint `src` to `dst`; an existing `dst` is removed only after."""
     old = dst.parent / f".{dst.name}.old"

@@ -59,13 +59,18 @@ def _params(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Single-process (TP = PP = 1): load the HF base and the adapter checkpoint, then export.
+    """Single-process (TP = PP = 1): load the base and the adapter checkpoint, then export.
 
-    Refuses, before loading anything, an --out that is, lies in or contains --base or --adapter,
-    and an --overwrite of anything but an earlier export; the adapter checkpoint is verified
-    (`verify_adapter_checkpoint`) and checked against the model as it loads."""
+    Refuses, before loading any weights, a --base that names no usable model (`resolve_base`),
+    an --out that is, lies in or contains the base or --adapter, an --overwrite of anything but
+    an earlier export, and an adapter checkpoint that fails verification
+    (`verify_adapter_checkpoint`) or was trained on a model of other dims; the checkpoint is
+    checked against the model again as it loads."""
     from pathlib import Path
 
+    from tiedlora_megatron.runtime import quiet_megatron
+
+    quiet_megatron()  # CPU hosts only; before megatron is imported, which warns at import
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -76,14 +81,16 @@ def _export(args: argparse.Namespace) -> int:
         verify_adapter_checkpoint,
     )
     from tiedlora_megatron.export import export_merged_hf, export_peft
+    from tiedlora_megatron.export_base import check_adapter_base, resolve_base
     from tiedlora_megatron.export_write import check_destination
-    from tiedlora_megatron.models import load_hf_model
     from tiedlora_megatron.runtime import enable_cpu_runtime, free_port
 
-    protected = {"base model": Path(args.base), "adapter checkpoint": Path(args.adapter)}
     try:
+        base = resolve_base(args.base, args.hf_config)
+        protected = {**base.protected(), "adapter checkpoint": Path(args.adapter)}
         check_destination(Path(args.out), args.overwrite, protected)
         meta = verify_adapter_checkpoint(args.adapter)
+        check_adapter_base(meta, base, args.adapter)
     except Exception as e:  # noqa: BLE001 - known failures get one line, bugs a traceback
         return _report(e)
     enable_cpu_runtime()
@@ -94,14 +101,14 @@ def _export(args: argparse.Namespace) -> int:
         ps.initialize_model_parallel(1, 1)
         model_parallel_cuda_manual_seed(1234)
         config = TiedLoRAConfig.from_dict(meta["adapter_config"])
-        chunks, _ = load_hf_model(args.base)
+        chunks, _ = base.load()
         adapters = apply_tied_lora(chunks, config)
         load_adapter_checkpoint(args.adapter, chunks, adapters)
         export = export_peft if args.format == "peft" else export_merged_hf
         out = export(
             adapters,
             chunks,
-            args.base,
+            base,
             args.out,
             overwrite=args.overwrite,
             adapter_checkpoint=args.adapter,
@@ -133,15 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_params)
     e = sub.add_parser("export", help="export an adapter checkpoint as HF PEFT LoRA or merged HF")
     e.add_argument(
-        "--base", required=True, help="the HF model directory the adapter was trained on"
+        "--base",
+        required=True,
+        help="the base model the adapter was trained on, as the job's model.source names it: "
+        "'smollm2' (the packaged SmolLM2-135M-Instruct GGUF), a GGUF file, an HF model directory "
+        "or a megatron checkpoint (with --hf-config)",
+    )
+    e.add_argument(
+        "--hf-config",
+        help="for a megatron checkpoint --base only: the HF model directory or GGUF file (or "
+        "'smollm2') that names its HF architecture and tokenizer, as model.tokenizer did for "
+        "the job",
     )
     e.add_argument("--adapter", required=True, help="a Tied-LoRA adapter checkpoint directory")
     e.add_argument("--format", choices=["peft", "merged-hf"], required=True)
     e.add_argument(
         "--out",
         required=True,
-        help="the directory to write: must not exist, and must not be, lie in or contain --base "
-        "or --adapter",
+        help="the directory to write: must not exist, and must not be, lie in or contain the "
+        "base model or --adapter",
     )
     e.add_argument(
         "--overwrite",

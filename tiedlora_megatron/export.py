@@ -11,8 +11,12 @@ so any LoRA runtime can serve it without knowing about ties.
   module names: megatron's fused QKV rows (per query group: the group's q heads, k, v) are split
   back into q_proj / k_proj / v_proj (GPT-2: reordered into c_attn's [q; k; v]), and a SwiGLU fc1
   ([gate; up] per TP shard) into gate_proj / up_proj.
-- `export_merged_hf` writes an HF checkpoint (safetensors + config, tokenizer files copied) of the
+- `export_merged_hf` writes an HF checkpoint (safetensors + config + tokenizer files) of the
   base with the adapters folded in, by inverting the HF loader's mapping.
+
+The base is named as a job's `model.source` names it: "smollm2", a GGUF file, an HF model
+directory, or a megatron checkpoint with `hf_config` (`export_base`, which also says where a
+GGUF base's config.json and tokenizer come from).
 
 Exports are collective (every rank calls them): TP shards are gathered within their TP group,
 pipeline stages are gathered to global rank 0, which writes to a hidden partial directory and
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -34,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tiedlora_megatron.adapter import TiedLoRAAdapter
+from tiedlora_megatron.export_base import ExportBase, resolve_base
 from tiedlora_megatron.export_names import (
     HF_TARGETS,
     ExportError,
@@ -49,10 +53,17 @@ from tiedlora_megatron.full_state import gather_full
 from tiedlora_megatron.inject import TiedLoRAAdapters
 from tiedlora_megatron.layouts import describe_linear
 from tiedlora_megatron.models.arch import GPTArch
-from tiedlora_megatron.models.hf import arch_from_hf_config, read_hf_config
 from tiedlora_megatron.pipeline import unwrap
 
-__all__ = ["ExportError", "export_merged_hf", "export_peft", "merge_adapters", "unmerge_adapters"]
+__all__ = [
+    "ExportBase",
+    "ExportError",
+    "export_merged_hf",
+    "export_peft",
+    "merge_adapters",
+    "resolve_base",
+    "unmerge_adapters",
+]
 
 
 # -- merge / unmerge -------------------------------------------------------------------------
@@ -110,15 +121,15 @@ def unmerge_adapters(adapters: TiedLoRAAdapters) -> None:
 
 
 def _protected(
-    base: object, adapters: TiedLoRAAdapters, adapter_checkpoint: str | os.PathLike | None
+    base: ExportBase | None,
+    adapters: TiedLoRAAdapters,
+    adapter_checkpoint: str | os.PathLike | None,
 ) -> dict[str, Path]:
-    """What an export must not touch: the base model directory (when given as one) and the
+    """What an export must not touch: the base model's files (when given by path) and the
     adapter checkpoint (given, or the one `load_adapter_checkpoint` loaded these adapters from)."""
     from tiedlora_megatron.checkpoint import loaded_from
 
-    out = {}
-    if isinstance(base, (str, os.PathLike)):
-        out["base model"] = Path(base)
+    out = {} if base is None else base.protected()
     loaded = loaded_from(adapters)
     if adapter_checkpoint is not None:
         out["adapter checkpoint"] = Path(adapter_checkpoint)
@@ -147,23 +158,31 @@ def _peft_factors(adapter: TiedLoRAAdapter) -> tuple[torch.Tensor, torch.Tensor]
 def export_peft(
     adapters: TiedLoRAAdapters,
     chunks: Sequence[nn.Module],
-    arch_or_hf_config: GPTArch | dict | str | os.PathLike,
+    arch_or_base: GPTArch | dict | str | os.PathLike | ExportBase,
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     *,
     adapter_checkpoint: str | os.PathLike | None = None,
+    hf_config: str | os.PathLike | None = None,
 ) -> Path:
     """Write the adapters as an HF PEFT LoRA adapter (one lora_A / lora_B per HF module, scaling
-    1) to `out_dir`, for the HF model described by `arch_or_hf_config` (a GPTArch, an HF config
-    dict or an HF model directory, which PEFT's config then names as the base).
+    1) to `out_dir`, for the HF model described by `arch_or_base`: a GPTArch, an HF config dict,
+    or a base model as `export_base.resolve_base` takes it ("smollm2", a GGUF file, an HF model
+    directory; a megatron checkpoint with `hf_config`), which PEFT's config then names as the
+    base (a GGUF file's path: load it with transformers' `from_pretrained(dir, gguf_file=...)`).
 
-    `out_dir` must not be, lie in or contain the HF model directory or the adapter checkpoint
+    `out_dir` must not be, lie in or contain the base model or the adapter checkpoint
     (`adapter_checkpoint`, or the one the adapters were loaded from); `overwrite` replaces only
     an earlier export (ExportError otherwise). Collective: every rank calls it; rank 0 writes.
     Merged adapters export the same.
     """
-    arch, base_name = resolve_arch(arch_or_hf_config)
-    protected = _protected(arch_or_hf_config, adapters, adapter_checkpoint)
+    base = None
+    if isinstance(arch_or_base, (GPTArch, dict)):
+        arch, base_name = resolve_arch(arch_or_base)
+    else:
+        base = resolve_base(arch_or_base, hf_config)
+        arch, base_name = base.arch, base.name
+    protected = _protected(base, adapters, adapter_checkpoint)
     final = prepare(out_dir, overwrite, adapters, chunks, arch, protected)
     family = hf_family(arch)
     tensors: dict[str, torch.Tensor] = {}
@@ -202,28 +221,20 @@ def export_peft(
         save_safetensors(tensors, directory / "adapter_model.safetensors")
         (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
 
-    return write_export(final, write, _marker("peft", base_name, protected), overwrite)
+    return write_export(final, write, _marker("peft", base, base_name, protected), overwrite)
 
 
-def _marker(fmt: str, base: str, protected: dict[str, Path]) -> dict[str, str | None]:
+def _marker(
+    fmt: str, base: ExportBase | None, name: str, protected: dict[str, Path]
+) -> dict[str, str | None]:
     adapter = next((str(p) for what, p in protected.items() if what.startswith("adapter")), None)
-    return {"format": fmt, "base": base or None, "adapter_checkpoint": adapter}
+    out = {"format": fmt, "base": str(base.path) if base else name or None}
+    if base is not None and base.source is not None:
+        out["hf_config"] = str(base.source.path)
+    return {**out, "adapter_checkpoint": adapter}
 
 
 # -- merged HF export --------------------------------------------------------------------------
-
-#: Files of an HF model directory that describe its tokenizer and generation, copied as they are.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 def _norm_tensors(norm: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -312,34 +323,34 @@ def _model_tensors(
 def export_merged_hf(
     adapters: TiedLoRAAdapters,
     chunks: Sequence[nn.Module],
-    hf_dir: str | os.PathLike,
+    base: str | os.PathLike | ExportBase,
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     *,
     adapter_checkpoint: str | os.PathLike | None = None,
+    hf_config: str | os.PathLike | None = None,
 ) -> Path:
-    """Write an HF checkpoint of the base at `hf_dir` with the adapters folded in: one
-    `model.safetensors` (in the model's dtype), `hf_dir`'s config.json and its tokenizer files.
+    """Write an HF checkpoint of `base` (see `export_peft`) with the adapters folded in: one
+    `model.safetensors` (in the model's dtype), config.json and the tokenizer files (an HF
+    directory's own; for a GGUF, transformers' config of it and the job's tokenizer).
 
-    `out_dir` must not be, lie in or contain `hf_dir` or the adapter checkpoint; `overwrite`
-    replaces only an earlier export (see `export_peft`). The model is not changed (ΔW is added
-    to gathered copies). Collective: every rank calls it; every weight is gathered to rank 0,
-    which writes.
+    `out_dir` must not be, lie in or contain the base model or the adapter checkpoint;
+    `overwrite` replaces only an earlier export (see `export_peft`). The model is not changed
+    (ΔW is added to gathered copies). Collective: every rank calls it; every weight is gathered
+    to rank 0, which writes.
     """
-    source = Path(hf_dir)
-    hf_config = read_hf_config(source)
-    arch = arch_from_hf_config(hf_config)
-    protected = _protected(source, adapters, adapter_checkpoint)
+    resolved = resolve_base(base, hf_config)
+    arch = resolved.arch
+    protected = _protected(resolved, adapters, adapter_checkpoint)
     final = prepare(out_dir, overwrite, adapters, chunks, arch, protected)
     dtype = unwrap(chunks[0]).config.params_dtype
     tensors = to_rank0(hf_tensors(_model_tensors(chunks, arch, adapters), arch))
-    config = {**hf_config, "torch_dtype": str(dtype).removeprefix("torch.")}
 
     def write(directory: Path) -> None:
+        config = {**resolved.hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
         save_safetensors(tensors, directory / "model.safetensors")
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in _TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, directory / name)
+        resolved.write_tokenizer(directory)
 
-    return write_export(final, write, _marker("merged-hf", str(source), protected), overwrite)
+    marker = _marker("merged-hf", resolved, resolved.name, protected)
+    return write_export(final, write, marker, overwrite)

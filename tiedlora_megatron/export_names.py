@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 
@@ -24,7 +23,6 @@ from tiedlora_megatron.models.hf import (
     arch_from_hf_config,
     gpt2_weight_names,
     llama_weight_names,
-    read_hf_config,
 )
 from tiedlora_megatron.pipeline import unwrap
 
@@ -89,18 +87,22 @@ def row_pieces(kind: str, rows: torch.Tensor, arch: GPTArch) -> dict[str, torch.
     return {"o" if kind == "linear_proj" else "down": rows}
 
 
+#: The dims an adapter is tied to: a base that differs in any is another model.
+DIM_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "gated_linear_unit",
+)
+
+
 def check_base(chunks: Sequence[nn.Module], arch: GPTArch) -> None:
     """Refuse a model whose megatron dims are not those of `arch` (another base)."""
     config = unwrap(chunks[0]).config
-    fields = (
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "kv_channels",
-        "gated_linear_unit",
-    )
+    fields = DIM_FIELDS
     problems = [
         f"{f}: model {getattr(config, f)!r}, HF config {getattr(arch, f)!r}"
         for f in fields
@@ -134,13 +136,12 @@ def check_adapters(adapters: TiedLoRAAdapters, chunks: Sequence[nn.Module], arch
                 )
 
 
-def resolve_arch(arch_or_hf_config: GPTArch | dict | str | os.PathLike) -> tuple[GPTArch, str]:
-    """(arch, base model name for PEFT's config) from a GPTArch, an HF config or an HF dir."""
+def resolve_arch(arch_or_hf_config: GPTArch | dict) -> tuple[GPTArch, str]:
+    """(arch, base model name for PEFT's config) from a GPTArch or an HF config dict (a base
+    model given by path: `export_base.resolve_base`)."""
     if isinstance(arch_or_hf_config, GPTArch):
         return arch_or_hf_config, ""
-    if isinstance(arch_or_hf_config, dict):
-        return arch_from_hf_config(arch_or_hf_config), arch_or_hf_config.get("_name_or_path", "")
-    return arch_from_hf_config(read_hf_config(arch_or_hf_config)), str(arch_or_hf_config)
+    return arch_from_hf_config(arch_or_hf_config), arch_or_hf_config.get("_name_or_path", "")
 
 
 def peft_target_modules(adapted: set[str], family: str) -> list[str]:

@@ -7,17 +7,24 @@ batches, a resumable batch schedule, built-in offline tasks and their metrics.
     batch = collate([samples[i] for i in schedule.local_indices(step, dp_rank, dp_size)],
                     tok.pad_id)
     score("squad", predictions, [examples[s.index].references for s in eval_samples])
+    clean_answer("\nThe answer is: Paris", short=True)  # "Paris": what is scored
+    squad_prompt(context, question)                      # the squad task's prompt, for new data
 
 Optional dependencies: the gsm task needs `reasoning-gym`; SQuAD is fetched once with pip
 (see `tasks.squad_json`).
 """
 
 from tiedlora_megatron.data.metrics import (
+    METRIC_SETS,
+    clean_answer,
     exact_match,
+    example_scores,
     f1,
     normalize_answer,
     numeric_accuracy,
     score,
+    score_metrics,
+    strip_preamble,
 )
 from tiedlora_megatron.data.sft import (
     BatchSchedule,
@@ -35,11 +42,14 @@ from tiedlora_megatron.data.tasks import (
     data_dir,
     get_task,
     gsm,
+    gsm_prompt,
     squad,
     squad_json,
+    squad_prompt,
 )
 
 __all__ = [
+    "METRIC_SETS",
     "SPLITS",
     "TASKS",
     "BatchSchedule",
@@ -47,17 +57,23 @@ __all__ = [
     "Example",
     "Sample",
     "TaskSpec",
+    "clean_answer",
     "collate",
     "data_dir",
     "exact_match",
+    "example_scores",
     "f1",
     "get_task",
     "gsm",
+    "gsm_prompt",
     "load_jsonl",
     "normalize_answer",
     "numeric_accuracy",
     "score",
+    "score_metrics",
     "squad",
     "squad_json",
+    "squad_prompt",
+    "strip_preamble",
     "tokenize",
 ]

@@ -4,6 +4,10 @@ math word problems, the kinds of task the Tied-LoRA paper fine-tunes on.
 Splits are fixed by group, not by example: SQuAD by article and the math problems by template,
 so no test question shares a passage or a problem template with training. Groups are sorted and
 permuted with a fixed seed, which keeps every split the same on every machine.
+
+Each task builds its prompts with a public function (`squad_prompt`, `gsm_prompt`, and
+`TaskSpec.prompt`), so new data written as `{"input": squad_prompt(context, question),
+"output": answer}` gets exactly the prompt a model tuned on the built-in task was trained on.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.parse
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tiedlora_megatron.data.archive import extract_member as _extract_member
 from tiedlora_megatron.data.sft import DataError, Example
 
 SPLITS = ("train", "validation", "test")
@@ -119,24 +123,6 @@ def _download_bigbench(dest: Path, root: Path) -> Path:
     return sdist
 
 
-def _extract_member(sdist: Path, member: str, target: Path) -> None:
-    """Copy one file out of the sdist to `target` atomically: a reader never sees half."""
-    with tarfile.open(sdist, "r:gz") as tf:
-        for info in tf:
-            if info.name == member and info.isfile():
-                data = tf.extractfile(info).read()
-                break
-        else:
-            raise DataError(f"{sdist} has no {member}")
-    # A unique temporary name: ranks sharing a cache directory may extract at the same time.
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=target.name, delete=False) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # a cache others may read, not mkstemp's 0600
-    os.replace(f.name, target)
-
-
 def squad_json(cache_dir: str | os.PathLike | None = None, *, download: bool = True) -> Path:
     """The SQuAD v1.1 dev JSON: $TIEDLORA_SQUAD_JSON, else the cached copy, else extracted from
     a bigbench sdist in the cache directory or downloaded with pip (then deleted)."""
@@ -161,6 +147,22 @@ def squad_json(cache_dir: str | os.PathLike | None = None, *, download: bool = T
     return target
 
 
+def squad_prompt(context: str, question: str) -> str:
+    """The SQuAD task's prompt: `"Context: {context}\nQuestion: {question}\nAnswer:"`.
+
+    The answer follows after a space (the "plain" template adds it in training); with
+    `data.template=chat` this text is the user message. Build JSONL inputs with it to score new
+    passages exactly as the built-in task is scored (`tiedlora-finetune eval --data FILE`).
+    """
+    return f"Context: {context}\nQuestion: {question}\nAnswer:"
+
+
+def gsm_prompt(question: str) -> str:
+    """The gsm task's prompt: `"Question: {question}\nAnswer:"` (the answer, a worked solution
+    ending in `#### N`, follows after a space)."""
+    return f"Question: {question}\nAnswer:"
+
+
 def squad(split: str, *, cache_dir: str | os.PathLike | None = None) -> list[Example]:
     """SQuAD v1.1 dev (48 articles, 10,565 questions) split by article into train / validation /
     test (40 / 4 / 4 articles). The answer is the first gold answer; references are all."""
@@ -179,7 +181,7 @@ def squad(split: str, *, cache_dir: str | os.PathLike | None = None) -> list[Exa
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 golds = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))
-                prompt = f"Context: {paragraph['context']}\nQuestion: {qa['question']}\nAnswer:"
+                prompt = squad_prompt(paragraph["context"], qa["question"])
                 examples.append(Example(prompt, golds[0], golds))
     return examples
 
@@ -209,29 +211,45 @@ def gsm(split: str, *, cache_dir: str | os.PathLike | None = None) -> list[Examp
         if item["question"] in seen:
             continue
         seen.add(item["question"])
-        prompt = f"Question: {item['question']}\nAnswer:"
+        prompt = gsm_prompt(item["question"])
         examples.append(Example(prompt, item["metadata"]["answer_cot"], (str(item["answer"]),)))
     return examples
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A built-in task: its loader, the metrics `metrics.score` reports, and how many tokens
-    generation needs for an answer."""
+    """A built-in task: its loader, the metrics `metrics.score` reports, how many tokens
+    generation needs for an answer, the function that builds its prompts, and whether its
+    answer is short (one line: generation stops at the line break and `clean_answer` strips an
+    "Answer:" preamble) or a worked solution kept whole."""
 
     name: str
     load: Callable[..., list[Example]]
     metrics: tuple[str, ...]
     max_new_tokens: int
     description: str
+    prompt: Callable[..., str] | None = None
+    short_answer: bool = True
 
 
 TASKS: dict[str, TaskSpec] = {
     "squad": TaskSpec(
-        "squad", squad, ("exact_match", "f1"), 32, "SQuAD v1.1 extractive QA, split by article"
+        "squad",
+        squad,
+        ("exact_match", "f1"),
+        32,
+        "SQuAD v1.1 extractive QA, split by article",
+        prompt=squad_prompt,
+        short_answer=True,
     ),
     "gsm": TaskSpec(
-        "gsm", gsm, ("accuracy",), 256, "GSM8K-style math word problems, split by template"
+        "gsm",
+        gsm,
+        ("accuracy",),
+        256,
+        "GSM8K-style math word problems, split by template",
+        prompt=gsm_prompt,
+        short_answer=False,
     ),
 }
 

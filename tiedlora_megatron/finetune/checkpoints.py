@@ -140,12 +140,14 @@ def _changes_text(changes: list[tuple[str, Any, Any]]) -> str:
 
 @dataclass
 class ResumePoint:
-    """Where a job starts: a checkpoint and its step (None, 0: from scratch), and the accepted
-    config changes (`train.on_config_change=continue`; the LR schedule is then rebuilt)."""
+    """Where a job starts: a checkpoint and its step (None, 0: from scratch), the accepted
+    config changes (`train.on_config_change=continue`; the LR schedule is then rebuilt), and
+    the progress the checkpoint recorded (training seconds so far, last train loss)."""
 
     path: Path | None = None
     step: int = 0
     changes: list[tuple[str, Any, Any]] = field(default_factory=list)
+    progress: dict[str, float] = field(default_factory=dict)
 
     @property
     def rebuild_schedule(self) -> bool:
@@ -196,13 +198,15 @@ def choose_resume(cfg: JobConfig, output_dir: Path) -> ResumePoint:
         meta = _verify(path)
 
     step = int(meta["step"])
-    saved = (meta.get("extra") or {}).get("job")
+    extra = meta.get("extra") or {}
+    progress = extra.get("progress") or {}
+    saved = extra.get("job")
     if saved is None:
         log(f"{path} records no job configuration; resuming without checking it")
-        return ResumePoint(path, step)
+        return ResumePoint(path, step, progress=progress)
     changes = config_changes(saved, cfg.to_dict())
     if not changes:
-        return ResumePoint(path, step)
+        return ResumePoint(path, step, progress=progress)
     if cfg.train.on_config_change != "continue":
         raise ConfigError(
             f"{path} (step {step}) was trained with another configuration; resuming it would "
@@ -216,7 +220,7 @@ def choose_resume(cfg: JobConfig, output_dir: Path) -> ResumePoint:
         f"continuing {path} (step {step}) under a changed configuration "
         f"(train.on_config_change=continue; LR schedule rebuilt):\n{_changes_text(changes)}"
     )
-    return ResumePoint(path, step, changes)
+    return ResumePoint(path, step, changes, progress)
 
 
 def trim_metrics(output_dir: Path, step: int) -> None:

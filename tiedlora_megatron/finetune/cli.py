@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 -m tiedlora_megatron.finetune train --config job.yaml parallel.tp=2
     python -m tiedlora_megatron.finetune eval --config job.yaml --adapter runs/x/checkpoints/step_0000100
+    python -m tiedlora_megatron.finetune eval --config job.yaml --data qa.jsonl --metric exact
     python -m tiedlora_megatron.finetune show --config job.yaml train.steps=10
     python -m tiedlora_megatron.finetune show --check --nproc 8 --config job.yaml
 
@@ -43,13 +44,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("train", "fine-tune (resumes from the output directory's newest checkpoint)"),
-        ("eval", "score a base model, or base + adapter checkpoint, on the held-out split"),
+        ("eval", "score the base model, or base + adapter, on the held-out split or --data FILE"),
         ("show", "print the resolved configuration (or --check it) and exit"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", help="YAML job configuration (default: built-in defaults)")
         if name == "eval":
             p.add_argument("--adapter", help="adapter checkpoint directory (omit: base model)")
+            p.add_argument(
+                "--data",
+                metavar="FILE.jsonl",
+                help="score this JSONL file ({input, output[, references]} or chat {messages}"
+                " lines) instead of the job's held-out split: no task or training file needed, "
+                "every example scored; writes <train.output_dir>/eval/<file stem>/<base | "
+                "checkpoint name>/result.json and predictions.jsonl (config key eval.data)",
+            )
+            p.add_argument(
+                "--metric",
+                choices=("squad", "exact", "number"),
+                help="with --data: squad (exact match and F1, the default), exact (exact match) "
+                "or number (last number equals the reference), on the answer's first line "
+                "without an 'Answer:' preamble (config key eval.metric)",
+            )
         if name == "show":
             p.add_argument(
                 "--check",
@@ -276,13 +292,23 @@ def _run(args) -> int:
     cfg = load_job_config(args.config, args.overrides)
     if args.command == "show":
         return _show(args, cfg)
-    validate(cfg)
+    if args.command == "eval":  # the flags win over the config keys
+        cfg.eval.data = args.data if args.data is not None else cfg.eval.data
+        cfg.eval.metric = args.metric if args.metric is not None else cfg.eval.metric
+    validate(cfg, command=args.command)
 
+    from tiedlora_megatron.runtime import quiet_megatron
+
+    quiet_megatron()  # CPU hosts only; before `job` imports megatron, which warns at import
     from tiedlora_megatron.finetune import job
 
     try:
         if args.command == "train":
             job.train(cfg)
+        elif cfg.eval.data is not None:
+            from tiedlora_megatron.finetune.evaluation import evaluate_file
+
+            evaluate_file(cfg, args.adapter)
         else:
             job.evaluate_checkpoint(cfg, args.adapter)
     except Exception as e:

@@ -175,7 +175,8 @@ class EvalSection:
     val_examples: int = 200
     """Validation examples for the validation loss (0: all)."""
     num_examples: int = 200
-    """Held-out examples scored with generated answers at the end (0: all; -1: skip)."""
+    """Held-out examples scored with generated answers at the end (0: all; -1: skip).
+    `eval.data` is always scored whole."""
     split: str = "test"
     """Split scored with generated answers: 'test' or 'validation'."""
     batch_size: int = 8
@@ -184,6 +185,11 @@ class EvalSection:
     """Generation budget; default: the task's."""
     before: bool = False
     """Also score the base model (adapters at their zero start) before training."""
+    data: str | None = None
+    """`eval --data`, the eval command only: a JSONL file (as data.train) scored whole instead of
+    the job's splits, without a task or validation loss (`finetune.evaluation.evaluate_file`)."""
+    metric: str | None = None
+    """With eval.data (`--metric`): 'squad' (exact match, F1; default), 'exact' or 'number'."""
 
 
 @dataclass
@@ -367,8 +373,11 @@ def validation_examples(cfg: JobConfig, usable: int, dp_size: int) -> tuple[int,
     return wanted // unit * unit, unit
 
 
-def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = True) -> None:
-    """Raise a ConfigError for anything wrong that is knowable before process groups start."""
+def validate(
+    cfg: JobConfig, world_size: int | None = None, check_model: bool = True, command: str = "train"
+) -> None:
+    """Raise a ConfigError for anything wrong that is knowable before process groups start.
+    `command` is the job's ('train' or 'eval'): only `eval` scores `eval.data`."""
     world = world_size or world_size_from_env()
     m, par, pr, d, t, ev = cfg.model, cfg.parallel, cfg.precision, cfg.data, cfg.train, cfg.eval
     _choice(m.source, MODEL_SOURCES, "model.source")
@@ -453,7 +462,17 @@ def validate(cfg: JobConfig, world_size: int | None = None, check_model: bool = 
             f"({FP8_TOKEN_MULTIPLE} tokens per tensor-parallel rank)"
         )
 
-    if d.task is None and d.train is None:
+    _choice(ev.metric, (None, "squad", "exact", "number"), "eval.metric")
+    if ev.metric is not None and ev.data is None:
+        raise ConfigError("eval.metric (--metric) applies to eval.data (--data) only")
+    if ev.data is not None and command != "eval":
+        raise ConfigError(
+            "eval.data is read by the eval command only (tiedlora-finetune eval --data FILE); "
+            "a training job scores data.test (or its task's test split)"
+        )
+    if ev.data is not None and not Path(ev.data).is_file():
+        raise ConfigError(f"eval.data (--data) {ev.data}: no such file")
+    if d.task is None and d.train is None and ev.data is None:
         raise ConfigError("set data.task (a built-in task) or data.train (a JSONL file)")
     for split in ("train", "validation", "test"):
         f = getattr(d, split)

@@ -62,7 +62,14 @@ from tiedlora_megatron.finetune.evaluation import (
 from tiedlora_megatron.finetune.loss import AnswerPositions, make_forward_step, reduce_losses
 from tiedlora_megatron.finetune.outdir import OutputDirLock, on_rank0
 from tiedlora_megatron.finetune.preemption import StopRequest
-from tiedlora_megatron.finetune.progress import Progress, Scalars, is_rank0, log
+from tiedlora_megatron.finetune.progress import (
+    PhaseTimes,
+    Progress,
+    Scalars,
+    is_rank0,
+    log,
+    timing_text,
+)
 
 __all__ = [
     "CHECKPOINTS",
@@ -135,6 +142,7 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
     from tiedlora_megatron.data import BatchSchedule
 
     t0 = time.perf_counter()
+    times = PhaseTimes()
     resume = on_rank0(lambda: choose_resume(cfg, output_dir))
     if is_rank0():
         write_json_atomic(output_dir / "config.json", cfg.to_dict())
@@ -171,6 +179,7 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
             scheduler.step(increment=step)
         log(f"resumed from {resume.path} at step {step}")
     trim_metrics(output_dir, step)
+    times.add("load", time.perf_counter() - t0)
 
     base_file = output_dir / "base_eval.json"
     base_eval = None
@@ -179,34 +188,40 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
             base_eval = json.loads(base_file.read_text())
         elif step == 0:
             log("evaluating the base model (adapters at their zero start) ...")
-            base_eval = evaluate(model, splits, cfg, rt, tokenizer)
+            with times("base_eval"):
+                base_eval = evaluate(
+                    model, splits, cfg, rt, tokenizer, output_dir / "predictions_base.jsonl"
+                )
             if is_rank0():
                 write_json_atomic(base_file, base_eval)
             log(f"base: {metrics_text(base_eval)}")
 
-    scalars = Scalars(output_dir)
+    scalars = Scalars(output_dir, first_step=step)
     progress = Progress(step, cfg.train.steps)
     positions = AnswerPositions(model)
     forward_step = make_forward_step(positions)
-    last_loss = float("nan")
+    # A resumed run carries on the training time and last loss its checkpoint recorded.
+    trained_before = float(resume.progress.get("train_seconds", 0.0))
+    last_loss = float(resume.progress.get("train_loss", float("nan")))
     try:
         with StopRequest(rt.device) as stop_request:
             while step < cfg.train.steps:
-                _seed_step(cfg.train.seed, step)
-                local = schedule.local_indices(step, rt.dp_rank, rt.dp_size)
-                batches, length = micro_batches(
-                    [train_split.samples[i] for i in local], cfg, tokenizer.pad_id, rt.device
-                )
-                for m in model:
-                    m.zero_grad_buffer()
-                optimizer.zero_grad()
-                out = run_schedule(model, batches, length, cfg, forward_step, False)
-                lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it next)
-                ok, grad_norm, _ = optimizer.step()
-                scheduler.step(increment=1)
-                step += 1
-                total = reduce_losses(out, rt.device)
-                last_loss = float(total[0] / total[1])
+                with times("train"):
+                    _seed_step(cfg.train.seed, step)
+                    local = schedule.local_indices(step, rt.dp_rank, rt.dp_size)
+                    batches, length = micro_batches(
+                        [train_split.samples[i] for i in local], cfg, tokenizer.pad_id, rt.device
+                    )
+                    for m in model:
+                        m.zero_grad_buffer()
+                    optimizer.zero_grad()
+                    out = run_schedule(model, batches, length, cfg, forward_step, False)
+                    lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it)
+                    ok, grad_norm, _ = optimizer.step()
+                    scheduler.step(increment=1)
+                    step += 1
+                    total = reduce_losses(out, rt.device)
+                    last_loss = float(total[0] / total[1])
                 tokens = sum(
                     train_split.samples[i].length for i in schedule.global_batch_indices(step - 1)
                 )
@@ -219,7 +234,8 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
                     log(f"step {step}: optimizer step skipped (non-finite gradients)")
                 interval = cfg.train.eval_interval
                 if interval and step % interval == 0 and step < cfg.train.steps:
-                    val = validation_loss(model, splits["validation"], cfg, rt, tokenizer)
+                    with times("validation"):
+                        val = validation_loss(model, splits["validation"], cfg, rt, tokenizer)
                     scalars.add(step, {"val_loss": val})
                     log(f"step {step}: validation loss {val:.4f}")
                 signalled = stop_request.agreed()  # every rank stops after the same step
@@ -228,10 +244,13 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
                 periodic = bool(save_every) and step % save_every == 0
                 path = output_dir / CHECKPOINTS / checkpoint_name(step)
                 if step == cfg.train.steps or stop or signalled or periodic:
-                    with stop_request.deferred():
+                    so_far = {"train_seconds": trained_before + times.seconds["train"],
+                              "train_loss": last_loss}  # fmt: skip
+                    with stop_request.deferred(), times("save"):
                         save_adapter_checkpoint(
                             path, model, adapters, optimizer=optimizer, scheduler=scheduler,
-                            step=step, extra={"job": cfg.to_dict()}, overwrite=True,
+                            step=step, extra={"job": cfg.to_dict(), "progress": so_far},
+                            overwrite=True,
                         )  # fmt: skip
                         prune(output_dir, cfg.train.keep_checkpoints, cfg.train.steps)
                 if signalled:
@@ -248,7 +267,8 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
         scalars.close()
 
     log("evaluating the tuned model ...")
-    final = evaluate(model, splits, cfg, rt, tokenizer)
+    with times("final_eval"):
+        final = evaluate(model, splits, cfg, rt, tokenizer, output_dir / "predictions_tuned.jsonl")
     trainable = adapters.num_trainable_parameters()
     lora = _lora_count(cfg, chunks)
     summary = {
@@ -259,8 +279,10 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
         "lora_parameters": lora,
         "ratio_to_lora": trainable / lora,
         "steps": step,
+        "steps_this_run": step - resume.step,
         "final_train_loss": last_loss,
-        "train_seconds": progress.elapsed,
+        "train_seconds": trained_before + times.seconds.get("train", 0.0),
+        "seconds": times.seconds,
         "job_seconds": time.perf_counter() - t0,
         "base": base_eval,
         "tuned": final,
@@ -270,6 +292,7 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
     if is_rank0():
         write_json_atomic(output_dir / "summary.json", summary)
     log(summary_table(summary))
+    log(timing_text(summary))
     return summary
 
 
@@ -290,13 +313,14 @@ def evaluate_checkpoint(cfg: JobConfig, adapter: str | None) -> dict[str, Any]:
         load_adapter_checkpoint(adapter, chunks, adapters)
         name = f"{adapter} (step {meta['step']})"
     splits = load_splits_every_rank(cfg, tokenizer, ("validation", cfg.eval.split))
-    result = evaluate(chunks, splits, cfg, rt, tokenizer)
+    out = Path(cfg.train.output_dir)
+    stem = "eval_base" if adapter is None else f"eval_{Path(adapter).name}"
+    if is_rank0():
+        out.mkdir(parents=True, exist_ok=True)
+    result = evaluate(chunks, splits, cfg, rt, tokenizer, out / f"{stem}_predictions.jsonl")
     result["model"] = f"{info.format}:{info.path}"
     result["adapter"] = adapter
     if is_rank0():
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = "eval_base" if adapter is None else f"eval_{Path(adapter).name}"
         write_json_atomic(out / f"{stem}.json", result)
     log(f"{name} on {cfg.data.task or cfg.data.test} ({cfg.eval.split}): {metrics_text(result)}")
     return result

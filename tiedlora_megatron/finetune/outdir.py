@@ -136,6 +136,22 @@ class OutputDirLock:
             raise
         self._fd = fd
 
+    def check_free(self) -> None:
+        """Raise what `acquire` would if another job holds the lock now; creates nothing and
+        takes nothing (the pre-launch check, so a busy directory fails before torchrun)."""
+        if not self.path.is_file():
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._in_use(_read_holder(fd) or {}) from None
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                raise
+        finally:
+            os.close(fd)  # closing drops the shared lock
+
     def _in_use(self, holder: dict[str, Any], note: str = "") -> ConfigError:
         return ConfigError(
             f"train.output_dir {self.output_dir} is in use by another job ({_holder_text(holder)};"

@@ -1,7 +1,8 @@
 """Checks before a launch, in one process before torchrun starts any rank: everything
 `config.validate` checks for the launch's process count, plus what is worth one process reading
-first (the data files, the validation split's size, the output directory's writability). The
-launch scripts run them through `tiedlora-finetune show --check --nproc N`.
+first (the data files, the validation split's size, the output directory's writability and
+whether another job holds it). The launch scripts run them through
+`tiedlora-finetune show --check --nproc N`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tiedlora_megatron.finetune.config import (
     validation_examples,
     world_size_from_env,
 )
+from tiedlora_megatron.finetune.outdir import OutputDirLock
 
 
 def check_output_dir(path: str | os.PathLike) -> None:
@@ -94,4 +96,5 @@ def preflight(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"the process count (--nproc) must be >= 1, got {world}")
     validate(cfg, world)
     check_output_dir(cfg.train.output_dir)
+    OutputDirLock(Path(cfg.train.output_dir)).check_free()
     check_data_files(cfg, world)

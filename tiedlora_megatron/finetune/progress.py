@@ -1,6 +1,7 @@
-"""What a running job reports: a log line with rate and ETA, and scalars for plotting.
+"""What a running job reports: a log line with rate and ETA, the wall time of each phase (so no
+figure mixes training with loading or evaluation), and scalars for plotting.
 
-Both act on global rank 0 only. Scalars always go to `metrics.jsonl` (one JSON object per line,
+Logging and scalars act on global rank 0 only. Scalars always go to `metrics.jsonl` (one JSON object per line,
 readable with pandas or `jq`) and, when the `tensorboard` package is installed, to TensorBoard
 event files in the same directory.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +62,59 @@ class Progress:
         ]
         return " | ".join(parts)
 
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+
+class PhaseTimes:
+    """Seconds spent in each named phase of this run (load, base_eval, train, validation, save,
+    final_eval); a phase entered several times accumulates."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+_PHASE_LABELS = {
+    "load": "load",
+    "base_eval": "base eval",
+    "train": "train",
+    "validation": "validation",
+    "save": "save",
+    "final_eval": "tuned eval",
+}
+
+
+def timing_text(summary: dict[str, Any]) -> str:
+    """The closing time line: each phase on its own, training per step over every run of the
+    job (a resumed run adds to the time its checkpoint recorded), and the whole of this run."""
+    seconds = summary["seconds"]
+    steps, this_run = summary["steps"], summary["steps_this_run"]
+    train = summary["train_seconds"]
+    per_step = f"{train / steps:.2f} s/step" if steps and train > 0 else "? s/step"
+    resumed = f", {this_run} this run" if this_run != steps else ""
+    parts = []
+    for phase, label in _PHASE_LABELS.items():
+        if phase == "train":
+            parts.append(f"train {format_seconds(train)} ({steps} steps, {per_step}{resumed})")
+        elif seconds.get(phase):
+            parts.append(f"{label} {format_seconds(seconds[phase])}")
+    return "time: " + " | ".join(parts) + f" | this run {format_seconds(summary['job_seconds'])}"
 
 
 class Scalars:
-    """Append-only scalar log (metrics.jsonl, plus TensorBoard when available) on rank 0."""
+    """Append-only scalar log (metrics.jsonl, plus TensorBoard when available) on rank 0. A
+    resumed run starts at `first_step`: TensorBoard drops the events an earlier run logged from
+    there on (metrics.jsonl is trimmed by `checkpoints.trim_metrics`), so no step is plotted twice."""
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, first_step: int = 0):
         self._file = None
         self._tb = None
         if not is_rank0():
@@ -77,7 +124,9 @@ class Scalars:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+            self._tb = SummaryWriter(
+                str(output_dir / "tensorboard"), purge_step=first_step + 1 if first_step else None
+            )
         except ImportError:  # tensorboard not installed: metrics.jsonl only
             self._tb = None
 

@@ -1,9 +1,10 @@
 """Where tiedlora_megatron runs: CPU support for megatron-core (a no-op where CUDA is present),
-and the free local port a single-process job rendezvouses on."""
+with megatron's known CPU-host notices hidden ($TIEDLORA_VERBOSE=1 shows them), and the free
+local port a single-process job rendezvouses on."""
 
 import socket
 
-from tiedlora_megatron.runtime.cpu import cpu_runtime_enabled, enable_cpu_runtime
+from tiedlora_megatron.runtime.cpu import cpu_runtime_enabled, enable_cpu_runtime, quiet_megatron
 
 
 def free_port() -> int:
@@ -13,4 +14,4 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-__all__ = ["cpu_runtime_enabled", "enable_cpu_runtime", "free_port"]
+__all__ = ["cpu_runtime_enabled", "enable_cpu_runtime", "free_port", "quiet_megatron"]

@@ -75,6 +75,13 @@ Five kinds of redirect, narrowest first:
    (`get_write_results_queue(mp_mode)`); there only the queue is replaced by a plain
    `queue.Queue`. megatron's async save (a background process) is not supported on this
    runtime. Each is left alone when the megatron version's signatures differ.
+
+Quiet: on a CPU host megatron-core prints a dozen notices before a job's first line (Transformer
+Engine and Apex are absent, deprecations of its own defaults, 0.19's GPTModel deprecation). None is
+actionable there: torch fallbacks are what this runtime runs on. `quiet_megatron()` hides those
+known ones (targeted message filters, not a blanket ignore) and `enable_cpu_runtime()` says so in
+one line on rank 0. $TIEDLORA_VERBOSE=1 shows them all. Where CUDA is available neither hides
+anything.
 """
 
 from __future__ import annotations
@@ -82,10 +89,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.metadata
 import inspect
 import logging
+import os
 import queue
+import re
+import sys
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -130,6 +142,117 @@ _RNG_WARNING = "CPU RNG state changed within GPU RNG context"
 
 _ENABLED = False
 
+#: Set to anything but "" or "0" to see the megatron-core notices that the CPU runtime hides.
+VERBOSE_ENV = "TIEDLORA_VERBOSE"
+
+# megatron-core's `warnings.warn` notices that a CPU host can do nothing about, as message
+# prefixes (`warnings.filterwarnings` matches them case-insensitively from the start). Transformer
+# Engine cannot be installed without CUDA, NVIDIA Apex is not on PyPI, and the rest warn about
+# megatron's own defaults or modules. Seen with megatron-core 0.16.1 and 0.19.2.
+_KNOWN_WARNINGS = (
+    # optimizer/__init__.py, optimizer.py, clip_grads.py, megatron_fsdp/mixed_precision.py: import
+    r"Transformer Engine and Apex are not installed\. Falling back to ",
+    # models/backends.py (import) and gpt_layer_specs.py (each local spec): WrappedTorchNorm
+    r"Apex is not installed\. Falling back to Torch Norm",
+    # TransformerConfig.__post_init__: megatron's own default cuda_graph_scope="full"
+    r"full scope is deprecated\. ",
+    # 0.19 hyper_comm_grid.py, at import
+    r"absl\.logging is not installed\. ",
+    # 0.19 models/mimo, at import (nothing here uses it)
+    r"(MimoModelConfig|MimoModel|ModalitySubmodules) is experimental and still under ",
+)
+
+# Notices megatron-core logs (logging, not warnings): logger name -> message prefix.
+_KNOWN_LOG_RECORDS = {
+    # 0.19, every GPTModel built: the layers matched here are the same in HybridModel
+    "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
+    # 0.19, first checkpoint save: names megatron's async save, which this runtime does not use
+    "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+}
+
+
+def _megatron_version() -> str | None:
+    """The installed megatron-core's version, read without importing it (None if unknown)."""
+    for name in ("megatron-core", "megatron_core"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _stale_deprecation_pattern(version: str | None) -> str | None:
+    """Deprecations that promise removal "in megatron-core 0.N" for an N at or below the installed
+    release: megatron kept the old name past its own date, so they say nothing to act on."""
+    match = re.match(r"0\.(\d+)", version or "")
+    if match is None:
+        return None
+    minors = "|".join(str(n) for n in range(int(match.group(1)), -1, -1))
+    return rf".*will be\s+removed in\s+`?(megatron-core|mcore)`?\s+v?0\.({minors})\b"
+
+
+def _known_warning_patterns() -> tuple[str, ...]:
+    stale = _stale_deprecation_pattern(_megatron_version())
+    return _KNOWN_WARNINGS + ((stale,) if stale else ())
+
+
+class _DropLogRecord(logging.Filter):
+    """Drops one logger's records that start with a known notice."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# One instance per logger: `Logger.addFilter` skips a filter it already holds (idempotent).
+_LOG_FILTERS = {name: _DropLogRecord(prefix) for name, prefix in _KNOWN_LOG_RECORDS.items()}
+
+
+def verbose() -> bool:
+    """Whether $TIEDLORA_VERBOSE asks to see every megatron notice."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_megatron() -> bool:
+    """Hide megatron-core's known CPU-host notices (`_KNOWN_WARNINGS`, `_KNOWN_LOG_RECORDS`, stale
+    deprecations) where CUDA is unavailable, unless $TIEDLORA_VERBOSE is set. Call it before
+    megatron is imported: most of them fire at import. Returns whether they are hidden.
+
+    Where CUDA is available it changes nothing. Calling it again re-installs the same filters (a
+    caller such as pytest may have reset `warnings.filters`), it never adds duplicates.
+    """
+    if torch.cuda.is_available() or verbose():
+        return False
+    for pattern in _known_warning_patterns():
+        warnings.filterwarnings("ignore", message=pattern)
+    for name, record_filter in _LOG_FILTERS.items():
+        logging.getLogger(name).addFilter(record_filter)
+    return True
+
+
+def summary_line(hidden: bool) -> str:
+    """The one line that replaces megatron's notices: what the CPU runtime does."""
+    version = _megatron_version()
+    what = f"megatron-core {version}" if version else "megatron-core"
+    if hidden:
+        kinds = len(_known_warning_patterns()) + len(_KNOWN_LOG_RECORDS)
+        notices = f"{kinds} known megatron notices hidden ({VERBOSE_ENV}=1 shows them)"
+    else:
+        notices = f"megatron's notices shown ({VERBOSE_ENV} is set)"
+    return (
+        f"CPU runtime: {what} on CPU (gloo), CUDA calls redirected, torch in place of "
+        f"Transformer Engine/Apex; {notices}"
+    )
+
+
+def _announce(hidden: bool) -> None:
+    """Print `summary_line` once per job: on rank 0 (or a process outside torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(summary_line(hidden), file=sys.stderr, flush=True)
+
 
 def cpu_runtime_enabled() -> bool:
     """Whether `enable_cpu_runtime()` has installed the redirects in this process."""
@@ -140,13 +263,15 @@ def enable_cpu_runtime() -> bool:
     """Redirect megatron-core's hard-coded CUDA calls to the CPU (see the module docstring).
 
     Returns True if the CPU runtime is (now) active, False where CUDA is available: there it
-    patches nothing. Idempotent.
+    patches nothing. Idempotent. The first activation hides megatron's known CPU-host notices
+    (`quiet_megatron`) and prints one line saying what the runtime does (stderr, rank 0).
     """
     global _ENABLED
     if torch.cuda.is_available():
         return False
     if _ENABLED:
         return True
+    hidden = quiet_megatron()  # before the imports below: megatron warns at import
     cpu_torch = _cpu_torch()
     for name in _DEVICE_LITERAL_MODULES:
         module = _import(name)
@@ -157,6 +282,7 @@ def enable_cpu_runtime() -> bool:
     _install_cuda_shims()
     _write_checkpoints_in_process()
     _ENABLED = True
+    _announce(hidden)
     return True
 
 
