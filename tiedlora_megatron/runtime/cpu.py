@@ -160,6 +160,10 @@ _KNOWN_WARNINGS = (
     r"absl\.logging is not installed\. ",
     # 0.19 models/mimo, at import (nothing here uses it)
     r"(MimoModelConfig|MimoModel|ModalitySubmodules) is experimental and still under ",
+    # 0.16 dist_checkpointing/strategies/torch.py on torch >= 2.6, at every checkpoint load:
+    # torch deprecating the calls megatron makes, nothing a user of this package can act on
+    r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load`",
+    r"Please use DTensor instead and we are deprecating ShardedTensor\.",
 )
 
 # Notices megatron-core logs (logging, not warnings): logger name -> message prefix.
