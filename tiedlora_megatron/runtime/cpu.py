@@ -9,7 +9,8 @@ writer of redirect 5, which 0.19 rewrote (threads instead of forked processes) a
 redirected per version. Every target is looked up defensively and checked by signature where its
 arguments matter, so a release that lacks or changed one skips that redirect instead of crashing.
 
-Five kinds of redirect, narrowest first:
+Five kinds of redirect, narrowest first (plus the MoE dispatchers' gloo redirects, in
+`runtime/moe.py`):
 
 1. `torch` inside selected megatron modules (`_DEVICE_LITERAL_MODULES`) is replaced by a copy of
    the torch module whose factory functions (`tensor`, `zeros`, `empty`, ...) map a CUDA `device`
@@ -103,6 +104,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from tiedlora_megatron.runtime.moe import enable_moe_on_gloo
 
 _CPU = torch.device("cpu")
 
@@ -285,6 +288,7 @@ def enable_cpu_runtime() -> bool:
     _wrap_tensor_method_users()
     _install_cuda_shims()
     _write_checkpoints_in_process()
+    enable_moe_on_gloo()
     _ENABLED = True
     _announce(hidden)
     return True
