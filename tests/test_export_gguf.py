@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.dist import ProcessGroupPool
+from tests.tiny_job import tiny_llama_config
 
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
@@ -259,15 +260,7 @@ def test_a_wrong_base_is_refused_in_one_line(smollm2, tmp_path):
 def megatron_export(pool, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("megatron_base")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = tiny_llama_config()
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():

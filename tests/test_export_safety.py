@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist import ProcessGroupPool
+from tests.tiny_job import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -121,15 +122,7 @@ def api(pool, tmp_path_factory) -> tuple[Path, dict, dict[str, str]]:
 
     root = tmp_path_factory.mktemp("safety")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = tiny_llama_config()
     transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
     (root / "base" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
     before = _tree_digest(root / "base")

@@ -77,3 +77,19 @@ if __name__ == "__main__":
 
     overrides = make_tiny_job(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"))
     print(" ".join(f"{k}={v}" for k, v in overrides.items()))
+
+
+def tiny_llama_config():
+    """A tiny GQA Llama (2 layers, hidden 64, 4 heads over 2 KV groups, vocab 101): the HF base
+    the export tests save and convert."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
