@@ -129,3 +129,13 @@ def test_alpha_and_dropout_ranges():
 def test_duplicate_target_is_refused():
     with pytest.raises(ConfigError, match="lists a module twice"):
         TiedLoRAConfig(target_modules=["linear_qkv", "linear_qkv"])
+
+
+def test_tie_experts_follows_tied_unless_set():
+    assert TiedLoRAConfig.preset("vBuA").tie_experts is True
+    assert TiedLoRAConfig.preset("lora").tie_experts is False
+    per = TiedLoRAConfig.preset("vBuA", tie_experts=False)
+    assert TiedLoRAConfig.from_dict(per.to_dict()) == per
+    assert (
+        "experts.linear_fc1" in TiedLoRAConfig(target_modules=["experts.linear_fc1"]).target_modules
+    )

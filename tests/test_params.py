@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from tiedlora_megatron import ModelDims, TiedLoRAConfig, count_trainable_parameters
+import re
+
+import pytest
+
+from tiedlora_megatron import ConfigError, ModelDims, TiedLoRAConfig, count_trainable_parameters
 from tiedlora_megatron.cli import main
 
 LLAMA2_7B = dict(
@@ -75,3 +79,49 @@ def test_params_cli_prints_the_preset_table(capsys):
     assert "4,194,304" in out and "524,544" in out and "12.51%" in out
     assert main(["params", "--model", "llama2-7b", "--presets", "lora", "vBuA"]) == 0
     assert "524,544" in capsys.readouterr().out
+
+
+def test_mixtral_expert_targets_by_hand():
+    """Mixtral-8x7B (hidden 4096, 32 layers, 8 experts of SwiGLU size 14336), rank 8 on the
+    experts' fc1 (28672 x 4096) and fc2 (4096 x 14336): L·E = 256 modules of each."""
+    from tiedlora_megatron.cli import KNOWN_DIMS
+
+    dims, targets = KNOWN_DIMS["mixtral-8x7b"], ["experts.linear_fc1", "experts.linear_fc2"]
+    lora = 256 * 8 * (4096 + 28672) + 256 * 8 * (14336 + 4096)
+    shared = 8 * (4096 + 28672) + 256 * (8 + 28672) + 8 * (14336 + 4096) + 256 * (8 + 4096)
+    per_expert = shared + 7 * 8 * (4096 + 28672 + 14336 + 4096)
+    cfg = TiedLoRAConfig.preset
+    assert count_trainable_parameters(cfg("lora", target_modules=targets), dims) == lora
+    assert count_trainable_parameters(cfg("vBuA", target_modules=targets), dims) == shared
+    per = cfg("vBuA", target_modules=targets, tie_experts=False)
+    assert count_trainable_parameters(per, dims) == per_expert
+    assert (lora, shared, per_expert) == (104_857_600, 8_802_304, 11_669_504)
+
+
+def test_moe_dims_refuse_an_mlp_they_do_not_have():
+    from tiedlora_megatron.cli import KNOWN_DIMS
+
+    with pytest.raises(ConfigError, match="'linear_fc1': the model has no such MLP"):
+        count_trainable_parameters(
+            TiedLoRAConfig(target_modules=["linear_fc1"]), KNOWN_DIMS["mixtral-8x7b"]
+        )
+    with pytest.raises(ConfigError, match="no shared expert"):
+        count_trainable_parameters(
+            TiedLoRAConfig(target_modules=["shared_experts.linear_fc1"]),
+            KNOWN_DIMS["mixtral-8x7b"],
+        )
+    qwen = KNOWN_DIMS["qwen1.5-moe-a2.7b"]  # shared expert 5632, SwiGLU: fc1 11264 x 2048
+    cfg = TiedLoRAConfig.preset("lora", rank=8, target_modules=["shared_experts.linear_fc1"])
+    assert count_trainable_parameters(cfg, qwen) == 24 * 8 * (2048 + 11264)
+
+
+def test_params_cli_prints_expert_sharing_for_moe(capsys):
+    argv = ["params", "--model", "mixtral-8x7b", "--presets", "lora", "vBuA"]
+    assert main([*argv, "--targets", "experts.linear_fc1", "experts.linear_fc2"]) == 0
+    out = capsys.readouterr().out
+    assert "8 routed experts per layer" in out
+    assert re.search(r"lora\s+BA\s+no\s+own\s+104,857,600\s+100.00%", out)
+    assert re.search(r"vBuA\s+vBuA\s+yes\s+all\s+8,802,304\s+8.39%", out)
+    assert re.search(r"vBuA\s+vBuA\s+yes\s+per expert\s+11,669,504\s+11.13%", out)
+    assert main([*argv, "--targets", "linear_fc1"]) == 2
+    assert "has no such MLP" in capsys.readouterr().err

@@ -60,12 +60,15 @@ class TiedLoRAAdapter(nn.Module):
         *,
         owns_factors: bool,
         layer_number: int | None,
+        expert: int | None = None,
     ):
         super().__init__()
         self.kind = kind
         self.base_name = name
         self.layout = layout
         self.layer_number = layer_number
+        self.expert = expert
+        """Global index of the routed expert whose layer this is (None: a dense layer)."""
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         if owns_factors:
@@ -157,11 +160,23 @@ class TiedLoRAAdapter(nn.Module):
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict:
         """megatron dist-checkpoint entries: u, v (and untied A, B) stacked over layers with the
-        offsets the enclosing TransformerLayer passes, TP-sharded as the base layer."""
+        offsets the enclosing TransformerLayer passes, TP-sharded as the base layer. A routed
+        expert's are also stacked over experts (SequentialMLP's offsets) and replicated over the
+        expert's tensor-parallel group, as its weights are."""
         tensors = {
             n: p for n, p in self.named_parameters() if "." not in n or n.startswith("factors.")
         }
-        return sharded_factor_entries(tensors, self.layout, prefix, sharded_offsets)
+        groups = {}
+        if self.expert is not None:
+            from megatron.core import parallel_state as ps
+
+            # SequentialMLP replaces the data-parallel part with its expert-data-parallel rank.
+            groups = dict(
+                tp_group=self.layout.tp_group,
+                dp_group=ps.get_data_parallel_group(with_context_parallel=True),
+                expert=True,
+            )
+        return sharded_factor_entries(tensors, self.layout, prefix, sharded_offsets, **groups)
 
     # -- attachment to the base layer ------------------------------------------------------
 
@@ -206,4 +221,5 @@ class TiedLoRAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         tied = "own A, B" if "factors" in self._modules else "tied A, B"
-        return f"{self.base_name}, {tied}, s={self.scaling:g}, layer={self.layer_number}"
+        expert = "" if self.expert is None else f", expert={self.expert}"
+        return f"{self.base_name}, {tied}, s={self.scaling:g}, layer={self.layer_number}{expert}"

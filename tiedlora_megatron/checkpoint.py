@@ -70,7 +70,7 @@ FORMAT_VERSION = 2
 #: Formats this version loads; 1 has no list of stored tensors (loaded unverified, with a warning).
 READABLE_FORMATS = (1, 2)
 #: Config fields that must agree between a checkpoint and the model it is loaded into.
-_MATCHING_FIELDS = ("factors", "tied", "rank", "alpha", "target_modules")
+_MATCHING_FIELDS = ("factors", "tied", "tie_experts", "rank", "alpha", "target_modules")
 
 
 class CheckpointError(RuntimeError):

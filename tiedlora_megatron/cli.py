@@ -16,6 +16,20 @@ KNOWN_DIMS: dict[str, ModelDims] = {
     "llama3-8b": ModelDims(4096, 32, 14336, 32, 8, gated_linear_unit=True),
     "smollm2-135m": ModelDims(576, 30, 1536, 9, 3, gated_linear_unit=True),
     "gpt2": ModelDims(768, 12, 3072, 12, 12),
+    "mixtral-8x7b": ModelDims(
+        4096, 32, 14336, 32, 8, gated_linear_unit=True, num_moe_experts=8, moe_ffn_hidden_size=14336
+    ),
+    "qwen1.5-moe-a2.7b": ModelDims(
+        2048,
+        24,
+        5632,
+        16,
+        16,
+        gated_linear_unit=True,
+        num_moe_experts=60,
+        moe_ffn_hidden_size=1408,
+        moe_shared_expert_intermediate_size=5632,
+    ),  # fmt: skip
 }
 
 
@@ -37,6 +51,9 @@ def _params(args: argparse.Namespace) -> int:
             num_attention_heads=args.num_attention_heads,
             num_query_groups=args.num_query_groups,
             gated_linear_unit=args.gated,
+            num_moe_experts=args.num_moe_experts,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
         )
     try:
         rows = preset_table(dims, args.rank, args.targets, args.presets)
@@ -47,13 +64,26 @@ def _params(args: argparse.Namespace) -> int:
         f"Trainable parameters, rank {args.rank}, targets {', '.join(args.targets)}; "
         f"hidden {dims.hidden_size}, {dims.num_layers} layers"
     )
-    header = f"{'preset':<10} {'factors':<9} {'tied':<5} {'trainable':>14} {'vs LoRA':>9}"
+    moe = dims.num_moe_experts is not None
+    if moe:
+        print(
+            f"MoE: {dims.num_moe_experts} routed experts per layer"
+            + (
+                f", shared expert {dims.moe_shared_expert_intermediate_size}"
+                if dims.moe_shared_expert_intermediate_size
+                else ""
+            )
+            + "; 'experts' is how routed experts share A and B (all, per expert, own)"
+        )
+    experts = f" {'experts':<10}" if moe else ""
+    header = f"{'preset':<10} {'factors':<9} {'tied':<5}{experts} {'trainable':>14} {'vs LoRA':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['preset']:<10} {r['factors']:<9} {'yes' if r['tied'] else 'no':<5} "
-            f"{r['trainable']:>14,} {100 * r['vs_lora']:>8.2f}%"
+            f"{r['preset']:<10} {r['factors']:<9} {'yes' if r['tied'] else 'no':<5}"
+            + (f" {r['experts']:<10}" if moe else "")
+            + f" {r['trainable']:>14,} {100 * r['vs_lora']:>8.2f}%"
         )
     return 0
 
@@ -134,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-attention-heads", type=int, default=1)
     p.add_argument("--num-query-groups", type=int)
     p.add_argument("--gated", action="store_true", help="SwiGLU fc1 (2 x ffn outputs)")
+    p.add_argument("--num-moe-experts", type=int, help="routed experts per layer (MoE model)")
+    p.add_argument("--moe-ffn-hidden-size", type=int, help="a routed expert's hidden size")
+    p.add_argument(
+        "--moe-shared-expert-intermediate-size", type=int, help="the shared expert's hidden size"
+    )
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", nargs="+", default=["linear_qkv"], choices=SUPPORTED_TARGETS)
     p.add_argument("--presets", nargs="+", choices=list(PRESETS), help="default: all")

@@ -12,6 +12,13 @@ always in use; u and v only when their letter appears (a missing vector is the c
 matrix followed by `~` (or written with a combining strike, as in the paper: `B̶`) is frozen at its
 random start; every other factor present is trained. So `vBuA` trains all four (the paper's
 best, "TL6"), `vB~uA~` trains only the vectors (VeRA's structure), `BA` untied is LoRA.
+
+Mixture-of-experts layers add an expert index e to the layer index l. For the routed experts'
+targets (`experts.linear_fc1`, `experts.linear_fc2`) the vectors are always per (l, e), and the
+pair A, B is, by `tied` and `tie_experts`:
+- tied across layers and experts (the default when tied): ΔW_le = s·diag(v_le)·B·diag(u_le)·A;
+- tied across layers, one pair per expert (`tie_experts=False`): ΔW_le = s·diag(v_le)·B_e·diag(u_le)·A_e;
+- untied (`tied=False`; with "BA", per-expert LoRA): ΔW_le = s·diag(v_le)·B_le·diag(u_le)·A_le.
 """
 
 from __future__ import annotations
@@ -21,8 +28,22 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-#: Names of megatron-core's linear layers that can be adapted, as they appear in module paths.
-SUPPORTED_TARGETS: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+#: Linear layers of attention and of a dense MLP, by their names in megatron-core module paths.
+DENSE_TARGETS: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+#: Linear layers of a mixture-of-experts MLP (megatron-core's MoELayer): the routed experts'
+#: (`mlp.experts.local_experts.<i>.linear_fc1`, SequentialMLP) and the shared expert's
+#: (`mlp.shared_experts.linear_fc1`). A dense name never matches an expert layer, so
+#: `linear_fc1` and `experts.linear_fc1` adapt the dense and the expert MLPs separately.
+MOE_TARGETS: tuple[str, ...] = (
+    "experts.linear_fc1",
+    "experts.linear_fc2",
+    "shared_experts.linear_fc1",
+    "shared_experts.linear_fc2",
+)
+
+#: Every target kind that can be adapted.
+SUPPORTED_TARGETS: tuple[str, ...] = DENSE_TARGETS + MOE_TARGETS
 
 #: Initialisations of the matrices A and B.
 MatrixInit = Literal["kaiming_uniform", "normal", "zeros"]
@@ -139,7 +160,14 @@ class TiedLoRAConfig:
 
     tied: bool = True
     """Share one A and one B among all layers' modules of the same kind. False gives every
-    layer its own A and B (LoRA when `factors == "BA"`)."""
+    layer its own A and B (LoRA when `factors == "BA"`; per-expert LoRA on expert targets)."""
+
+    tie_experts: bool | None = None
+    """Routed-expert targets (`experts.*`) with `tied`: True shares one A and one B among every
+    expert of every layer, with u and v per (layer, expert) - the Tied-LoRA idea applied to the
+    expert dimension too; False keeps one pair per expert index, tied across layers. None means
+    True when `tied`. Untied adapters give each (layer, expert) its own pair, so True is refused
+    with `tied=False`."""
 
     a_init: MatrixInit | None = None
     """Start of A: "kaiming_uniform" (as LoRA's A), "normal" (std 1/rank) or "zeros".
@@ -162,6 +190,8 @@ class TiedLoRAConfig:
         self.target_modules = list(self.target_modules)
         self.factors = format_notation(parse_notation(self.factors))
         self._validate()
+        if self.tie_experts is None:
+            self.tie_experts = self.tied
 
     # -- presets ---------------------------------------------------------------------------
 
@@ -277,6 +307,11 @@ class TiedLoRAConfig:
                 raise ConfigError(
                     f"unknown target module {t!r}{hint}; supported: {', '.join(SUPPORTED_TARGETS)}"
                 )
+        if self.tie_experts and not self.tied:
+            raise ConfigError(
+                "tie_experts=True needs tied=True: an untied adapter gives every (layer, expert) "
+                "its own A and B; leave tie_experts unset"
+            )
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ConfigError(f"target_modules lists a module twice: {self.target_modules}")
         for name, value in (("a_init", self.a_init), ("b_init", self.b_init)):

@@ -15,16 +15,23 @@ import hashlib
 import math
 
 import torch
+import torch.distributed as dist
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from torch import nn
 
 from tiedlora_megatron.config import FactorSpec, TiedLoRAConfig
+from tiedlora_megatron.experts import is_routed
 from tiedlora_megatron.layouts import LinearLayout
 
 
-def factor_seed(seed: int, kind: str, factor: str, layer_number: int | None = None) -> int:
-    """A stable 63-bit seed for one factor (independent of process, layout and Python hash)."""
+def factor_seed(
+    seed: int, kind: str, factor: str, layer_number: int | None = None, expert: int | None = None
+) -> int:
+    """A stable 63-bit seed for one factor (independent of process, layout and Python hash);
+    `expert` is the global index of a routed expert's own factor."""
     key = f"{seed}/{kind}/{factor}/{'tied' if layer_number is None else layer_number}"
+    if expert is not None:
+        key += f"/expert{expert}"
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
@@ -55,7 +62,8 @@ class LowRankFactors(nn.Module):
     """A (rank x d_in, this rank's shard) and B (d_out x rank, this rank's shard).
 
     Column-parallel base: A replicated, B sharded along d_out. Row-parallel base: A sharded
-    along d_in, B replicated. The rank dimension is never sharded.
+    along d_in, B replicated. The rank dimension is never sharded. `expert` is the global index
+    of the routed expert owning the pair (None: a dense pair, or one tied across experts).
     """
 
     def __init__(
@@ -65,25 +73,27 @@ class LowRankFactors(nn.Module):
         layout: LinearLayout,
         *,
         layer_number: int | None = None,
+        expert: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         self.kind = kind
         self.layout = layout
+        self.expert = expert
         r = config.rank
         specs = {f: config.factor_spec(f) for f in ("A", "B")}
         full_a = init_full_matrix(
             specs["A"],
             (r, layout.in_features),
             r,
-            factor_seed(config.seed, kind, "A", layer_number),
+            factor_seed(config.seed, kind, "A", layer_number, expert),
         )
         full_b = init_full_matrix(
             specs["B"],
             (layout.out_features, r),
             r,
-            factor_seed(config.seed, kind, "B", layer_number),
+            factor_seed(config.seed, kind, "B", layer_number, expert),
         )
         a = full_a[:, layout.local_in_index()].contiguous()
         b = full_b[layout.local_out_index()].contiguous()
@@ -98,8 +108,9 @@ class LowRankFactors(nn.Module):
             (self.A if column else self.B).sequence_parallel = True
 
     def extra_repr(self) -> str:
+        expert = "" if self.expert is None else f", expert={self.expert}"
         return (
-            f"kind={self.kind}, {self.layout.parallel}-parallel, A={tuple(self.A.shape)}, "
+            f"kind={self.kind}{expert}, {self.layout.parallel}-parallel, A={tuple(self.A.shape)}, "
             f"B={tuple(self.B.shape)}, trained=(A={self.A.requires_grad}, B={self.B.requires_grad})"
         )
 
@@ -109,20 +120,32 @@ BANK_ATTR = "tied_adapter"
 
 
 class TiedFactorBank(nn.ModuleDict):
-    """The single owner, in one model chunk, of the tied factors of every target kind."""
+    """The single owner, in one model chunk, of the tied factors of every target kind (keyed by
+    `experts.bank_key`: a routed-expert kind may hold one pair per expert)."""
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict:
         """megatron dist-checkpoint entries of the tied factors: TP-sharded as their base,
         stored once (replica id 0 on the primary replica, 1 on every other stage and chunk,
-        which `pipeline.mark_tied_replicas` marks `shared`)."""
+        which `pipeline.mark_tied_replicas` marks `shared`). A pair of one routed expert is
+        replicated over that expert's data-parallel group, as its expert's weights are."""
+        from megatron.core import parallel_state as ps
+
         replica = int(any(getattr(p, "shared", False) for p in self.parameters()))
         out = {}
-        for kind, factors in self.items():
+        for key, factors in self.items():
             tensors = {"A": factors.A, "B": factors.B}
+            groups: dict = dict(expert=is_routed(factors.kind))
+            if factors.expert is not None:
+                groups.update(
+                    tp_group=factors.layout.tp_group,
+                    dp_group=ps.get_expert_data_parallel_group(),
+                )
             out.update(
-                sharded_factor_entries(tensors, factors.layout, f"{prefix}{kind}.", sharded_offsets)
+                sharded_factor_entries(
+                    tensors, factors.layout, f"{prefix}{key}.", sharded_offsets, **groups
+                )
             )
         for entry in out.values():
             entry.replica_id = (replica, *tuple(entry.replica_id)[1:])
@@ -130,16 +153,28 @@ class TiedFactorBank(nn.ModuleDict):
 
 
 def sharded_factor_entries(
-    tensors: dict[str, torch.Tensor], layout: LinearLayout, prefix: str, sharded_offsets: tuple
+    tensors: dict[str, torch.Tensor],
+    layout: LinearLayout,
+    prefix: str,
+    sharded_offsets: tuple,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    dp_group: dist.ProcessGroup | None = None,
+    expert: bool = False,
 ) -> dict:
     """ShardedTensors (or megatron's SwiGLU factories) for adapter tensors named "A", "B", "u",
-    "v" (optionally under a module prefix such as "factors."), sharded as `layout` shards them."""
+    "v" (optionally under a module prefix such as "factors."), sharded as `layout` shards them.
+    The groups set the replica id (default: megatron's dense tensor- and data-parallel ones);
+    give both or neither. A routed expert's factors (`expert`) are never TP-sharded (expert
+    tensor parallelism 1, experts.py): stored whole, whatever the dense TP size."""
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     dims = {name: layout.shard_dim(name.rsplit(".", 1)[-1]) for name in tensors}
-    axis = {name: dim for name, dim in dims.items() if dim is not None}
-    entries = make_sharded_tensors_for_checkpoint(dict(tensors), prefix, axis, sharded_offsets)
+    axis = {name: dim for name, dim in dims.items() if dim is not None and not expert}
+    entries = make_sharded_tensors_for_checkpoint(
+        dict(tensors), prefix, axis, sharded_offsets, tp_group=tp_group, dp_cp_group=dp_group
+    )
     if layout.gated:  # at every TP, so that checkpoints reshard
         for name in axis:
             key = prefix + name

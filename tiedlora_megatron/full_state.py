@@ -13,6 +13,11 @@ target, e.g. `linear_qkv`):
 - `layers.<i>.<kind>.u` (rank), `layers.<i>.<kind>.v` (d_out): the per-layer vectors in use;
 - `layers.<i>.<kind>.A`, `layers.<i>.<kind>.B`: the per-layer pair of an untied adapter (LoRA).
 
+A routed expert's kind carries the global expert index `<e>` (experts.py): `experts.<e>.linear_fc1`
+in `layers.<i>.experts.<e>.linear_fc1.u` and in `tied.experts.<e>.linear_fc1.A` (a pair per expert
+index); a pair tied across experts is `tied.experts.linear_fc1.A`. Every expert-parallel rank's
+experts are included.
+
 Frozen factors are included: a frozen A or B (VeRA's) is a random matrix that ΔW depends on as
 much as on the trained ones, so a state without it could neither reproduce nor compare the
 adapter. A vector the notation leaves out is the constant 1, not a parameter, and has no key.
@@ -36,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tiedlora_megatron.atomic import problems_on_every_rank
+from tiedlora_megatron.experts import expert_key
 from tiedlora_megatron.layouts import LinearLayout
 from tiedlora_megatron.pipeline import pipeline_rank_and_group
 
@@ -106,9 +112,9 @@ def _local_entries(adapters: TiedLoRAAdapters) -> dict[str, _Entry]:
     entries: dict[str, _Entry] = {}
     owner: dict[str, str] = {}
     for bank, chunk_adapters in zip(adapters.banks, adapters.adapters, strict=True):
-        for kind, factors in (bank or {}).items():
+        for factors in (bank or {}).values():
             for f in ("A", "B"):
-                key = f"{TIED_PREFIX}.{kind}.{f}"
+                key = f"{TIED_PREFIX}.{expert_key(factors.kind, factors.expert)}.{f}"
                 entry = entries.setdefault(key, _Entry(factors.layout, factors.layout.shard_dim(f)))
                 entry.params.append(getattr(factors, f))
         for name, adapter in chunk_adapters.items():
@@ -123,7 +129,8 @@ def _local_entries(adapters: TiedLoRAAdapters) -> dict[str, _Entry]:
             for f, p in params.items():
                 if p is None:
                     continue
-                key = f"{LAYER_PREFIX}.{adapter.layer_number - 1}.{adapter.kind}.{f}"
+                kind = expert_key(adapter.kind, adapter.expert)
+                key = f"{LAYER_PREFIX}.{adapter.layer_number - 1}.{kind}.{f}"
                 if key in entries:
                     raise FullStateError(
                         f"{name} and {owner[key]} would both be {key!r}: one layer with two "
@@ -144,19 +151,30 @@ def _in_global_order(items: Mapping[str, object]) -> dict:
     return {k: items[k] for k in sorted(items, key=position)}
 
 
-def _from_every_stage(mine: dict) -> dict:
-    """The union of every pipeline stage's dict (the first stage's value wins for a key on
-    several, i.e. the primary replica of a tied factor), in global order."""
-    _, group = pipeline_rank_and_group()
+def _union(mine: dict, group: dist.ProcessGroup | None) -> dict:
+    """The union of the group's dicts (the first rank's value wins for a key on several)."""
     if group is None:
-        return _in_global_order(mine)
-    stages: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(stages, mine, group=group)
+        return mine
+    ranks: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(ranks, mine, group=group)
     out: dict = {}
-    for stage in stages:
-        for key, value in stage.items():
+    for theirs in ranks:
+        for key, value in theirs.items():
             out.setdefault(key, value)
-    return _in_global_order(out)
+    return out
+
+
+def _from_every_stage(mine: dict) -> dict:
+    """The union of every expert-parallel rank's and pipeline stage's dict (the first stage's
+    value wins for a key on several, i.e. the primary replica of a tied factor), in global
+    order."""
+    from megatron.core import parallel_state as ps
+
+    ep_group = None
+    if ps.model_parallel_is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
+        ep_group = ps.get_expert_model_parallel_group()
+    _, pp_group = pipeline_rank_and_group()
+    return _in_global_order(_union(_union(mine, ep_group), pp_group))
 
 
 @torch.no_grad()

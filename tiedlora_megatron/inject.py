@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tiedlora_megatron import experts
 from tiedlora_megatron.adapter import TiedLoRAAdapter
 from tiedlora_megatron.config import ConfigError, TiedLoRAConfig
 from tiedlora_megatron.factors import BANK_ATTR, LowRankFactors, TiedFactorBank
@@ -38,6 +39,8 @@ class _Target:
     kind: str
     module: nn.Module
     parent: nn.Module
+    expert: int | None
+    """Global index of the routed expert holding the layer (None: not a routed expert's)."""
 
 
 class TiedLoRAAdapters:
@@ -73,23 +76,27 @@ class TiedLoRAAdapters:
     def num_trainable_parameters(self) -> int:
         """Trainable adapter parameters of the whole model, as if unsharded and unreplicated:
         TP shards counted at full size, each tied factor once however many pipeline stages and
-        virtual chunks hold a replica, per-layer factors summed over pipeline stages."""
-        tied, per_layer = 0, 0
+        virtual chunks hold a replica, per-layer factors summed over pipeline stages, a routed
+        expert's factors summed over expert-parallel ranks."""
+        # (tied, per layer) x (dense, routed expert's: experts.py, summed over EP ranks)
+        counts = {(t, e): 0 for t in (True, False) for e in (True, False)}
         for ci, chunk in enumerate(self.chunks):
             for name, p in chunk.named_parameters():
                 if not (p.requires_grad and is_adapter_param(name)):
                     continue
-                n = p.numel() * (_tp_size() if getattr(p, "tensor_model_parallel", False) else 1)
-                if name.startswith(BANK_ATTR + "."):
-                    tied += n if ci == 0 else 0
-                else:
-                    per_layer += n
+                expert = not getattr(p, "allreduce", True)  # never TP-sharded (ETP 1)
+                sharded = getattr(p, "tensor_model_parallel", False) and not expert
+                n = p.numel() * (_tp_size() if sharded else 1)
+                tied = name.startswith(BANK_ATTR + ".")
+                counts[tied, expert] += 0 if tied and ci else n
+        ep_group = _expert_parallel_group()
         _, pp_group = pipeline_rank_and_group()
-        if pp_group is not None:
-            t = torch.tensor([per_layer], dtype=torch.int64)
-            dist.all_reduce(t, group=pp_group)
-            per_layer = int(t.item())
-        return tied + per_layer
+        per_layer = counts[False, False] + _sum_over(counts[False, True], ep_group)
+        return (
+            counts[True, False]
+            + _sum_over(counts[True, True], ep_group)
+            + _sum_over(per_layer, pp_group)
+        )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every factor as a full CPU tensor keyed by global layer, the same at every layout
@@ -121,6 +128,22 @@ class TiedLoRAAdapters:
 def is_adapter_param(name: str) -> bool:
     parts = name.split(".")
     return parts[0] == BANK_ATTR or any(p.endswith(ADAPTER_SUFFIX) for p in parts[:-1])
+
+
+def _sum_over(count: int, group: dist.ProcessGroup | None) -> int:
+    if group is None:
+        return count
+    t = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
+def _expert_parallel_group() -> dist.ProcessGroup | None:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
+        return None
+    return ps.get_expert_model_parallel_group()
 
 
 def _tp_size() -> int:
@@ -160,14 +183,17 @@ def _find_targets(chunks: list[nn.Module], config: TiedLoRAConfig) -> list[_Targ
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     targets, linear_names = [], set()
+    routed = any(experts.is_routed(t) for t in config.target_modules)
     for ci, chunk in enumerate(chunks):
         for name, module in chunk.named_modules():
-            attr = name.rsplit(".", 1)[-1]
+            kind = experts.target_kind(name)
+            if routed:
+                experts.check_experts_module(name, module)
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or te_layer_name(
                 module
             ):
-                linear_names.add(attr)
-            if attr in config.target_modules:
+                linear_names.add(kind)
+            if kind in config.target_modules:
                 parent = chunk.get_submodule(name.rsplit(".", 1)[0]) if "." in name else chunk
                 if is_fused_te_mlp(parent):
                     raise UnsupportedLayerError(
@@ -175,7 +201,8 @@ def _find_targets(chunks: list[nn.Module], config: TiedLoRAConfig) -> list[_Targ
                         "as fused TE ops without calling their forward, so an adapter on them "
                         "would never run; build the model with use_te_op_fuser=False"
                     )
-                targets.append(_Target(ci, name, attr, module, parent))
+                expert = experts.expert_index(chunk, name)
+                targets.append(_Target(ci, name, kind, module, parent, expert))
     missing = [t for t in config.target_modules if t not in {x.kind for x in targets}]
     if missing:
         raise ConfigError(
@@ -244,15 +271,25 @@ def apply_tied_lora(
                 t.kind,
                 layout,
                 layer_number=layer_number,
+                expert=t.expert,
                 dtype=weight.dtype,
                 device=weight.device,
             )
         else:
-            if t.kind not in bank:
-                bank[t.kind] = LowRankFactors(
-                    config, t.kind, layout, dtype=weight.dtype, device=weight.device
+            pair_expert = None if config.tie_experts else t.expert
+            key = experts.bank_key(t.kind, pair_expert)
+            if key not in bank:
+                bank[key] = LowRankFactors(
+                    config,
+                    t.kind,
+                    layout,
+                    expert=pair_expert,
+                    dtype=weight.dtype,
+                    device=weight.device,
                 )
-            factors = bank[t.kind]
+                if t.expert is not None and pair_expert is None:
+                    experts.mark_tied_across_experts(list(bank[key].parameters()), t.module.config)
+            factors = bank[key]
             if factors.layout != layout:
                 raise ConfigError(
                     f"{t.name}: tied factors need every {t.kind} to have one shape and layout, "
@@ -268,7 +305,13 @@ def apply_tied_lora(
             factors,
             owns_factors=bank is None,
             layer_number=layer_number,
+            expert=t.expert,
         )
+        if t.expert is not None:
+            own = [adapter.u, adapter.v]
+            if bank is None or factors.expert is not None:
+                own += [factors.A, factors.B]
+            experts.mark_per_expert(own)
         attr = t.name.rsplit(".", 1)[-1] + ADAPTER_SUFFIX
         if hasattr(t.parent, attr):
             raise RuntimeError(f"{t.name}: its parent already has an attribute {attr!r}")

@@ -105,7 +105,8 @@ def describe_linear(module: nn.Module, name: str) -> LinearLayout:
     Reads megatron's local layers (ColumnParallelLinear, RowParallelLinear) and its Transformer
     Engine wrappers (TELayerNormColumnParallelLinear, TEColumnParallelLinear, TERowParallelLinear;
     TE >= te.MIN_TE_VERSION). Raises UnsupportedLayerError, naming the module, for layers the
-    adapter cannot follow exactly: expert (MoE) and grouped layers, layers that skip their
+    adapter cannot follow exactly: expert layers under expert tensor parallelism, TE expert and
+    grouped layers, layers that skip their
     input-gradient reduction, TE layers that are not column or row parallel, and TE layers already
     asked to return their norm's output.
     """
@@ -166,7 +167,17 @@ def _read_local_linear(module: nn.Module, name: str) -> tuple[Parallelism, dict[
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     if getattr(module, "is_expert", False):
-        raise UnsupportedLayerError(f"{name}: expert (MoE) layers are not supported")
+        # A routed expert's layer (experts.py): at expert TP 1 it is an unsharded linear whose
+        # communication, if any, the token dispatcher does; beyond it the layer leaves partial
+        # sums for the dispatcher to reduce, which the adapter does not follow yet.
+        size, _ = _tp_size_rank(module.tp_group)
+        if size > 1:
+            raise UnsupportedLayerError(
+                f"{name}: expert layers under expert tensor parallelism "
+                f"(expert_tensor_parallel_size={size}) are not supported yet; set "
+                "expert_tensor_parallel_size=1 (dense tensor parallelism and expert parallelism "
+                "are supported)"
+            )
     if getattr(module, "disable_grad_reduce", False):
         raise UnsupportedLayerError(
             f"{name}: layers built with disable_grad_reduce=True are not supported (their "

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from tiedlora_megatron.config import TiedLoRAConfig
+from tiedlora_megatron.experts import parse_bank_key, target_kind
 
 #: megatron-core's own files beside the torch-distributed data, digested as they are.
 MEGATRON_FILES = ("common.pt", "metadata.json")
@@ -189,6 +190,7 @@ def config_problems(config: TiedLoRAConfig, keys: Sequence[str]) -> list[str]:
             problems.append(f"stored tensor {key!r} is not an adapter tensor")
             continue
         kind, factor = match.groups()
+        kind = parse_bank_key(kind)[0] if tied else target_kind(key[: match.end(1)])
         kinds.add(kind)
         if kind not in targets:
             problems.append(

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tiedlora_megatron.config import PRESETS, SUPPORTED_TARGETS, ConfigError
+from tiedlora_megatron.config import DENSE_TARGETS, PRESETS, ConfigError
 from tiedlora_megatron.finetune.config import JobConfig, load_job_config, validate
 
 DEFAULT_CONFIG = "examples/configs/smollm2_squad.yaml"
@@ -89,16 +89,16 @@ class StudyError(RuntimeError):
 def parse_targets(spec: str) -> tuple[str, ...]:
     """'qkv', 'qkv+fc1', 'linear_proj' or 'all' as megatron layer names, in canonical order."""
     if spec == "all":
-        return SUPPORTED_TARGETS
+        return DENSE_TARGETS
     names = {item if item.startswith("linear_") else f"linear_{item}" for item in spec.split("+")}
-    if not names <= set(SUPPORTED_TARGETS):
+    if not names <= set(DENSE_TARGETS):
         raise ConfigError(f"unknown target in {spec!r}; use qkv, proj, fc1, fc2 joined by '+'")
-    return tuple(t for t in SUPPORTED_TARGETS if t in names)
+    return tuple(t for t in DENSE_TARGETS if t in names)
 
 
 def targets_name(targets: tuple[str, ...]) -> str:
     """The short name of a target set in run directories: 'all' or e.g. 'qkv+fc1'."""
-    if targets == SUPPORTED_TARGETS:
+    if targets == DENSE_TARGETS:
         return "all"
     return "+".join(t.removeprefix("linear_") for t in targets)
 

@@ -51,6 +51,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from tiedlora_megatron.config import SUPPORTED_TARGETS, ConfigError, TiedLoRAConfig
+from tiedlora_megatron.experts import target_kind
 from tiedlora_megatron.inject import TiedLoRAAdapters, apply_tied_lora, is_adapter_param
 
 ModelT = TypeVar("ModelT", nn.Module, list[nn.Module])
@@ -118,6 +119,7 @@ class TiedLoRA(_PEFTBase):
     target_modules: list[str] | None = None
     factors: str | None = None
     tied: bool | None = None
+    tie_experts: bool | None = None
     a_init: str | None = None
     b_init: str | None = None
     u_init: float | None = None
@@ -194,12 +196,13 @@ class TiedLoRA(_PEFTBase):
         docstring), and an adapted layer is its own wrapper. Raises for a target layer of this
         config that `__call__` did not adapt, e.g. when a walker calls `transform` alone."""
         applied = self._applied
-        if name not in SUPPORTED_TARGETS or (applied is not None and id(module) in applied.adapted):
+        path = f"{prefix}.{name}" if prefix else (name or "")
+        kind = target_kind(path)
+        if kind not in SUPPORTED_TARGETS or (applied is not None and id(module) in applied.adapted):
             return module
-        if name in self.to_config().target_modules and isinstance(
+        if kind in self.to_config().target_modules and isinstance(
             module, (ColumnParallelLinear, RowParallelLinear)
         ):
-            path = f"{prefix}.{name}" if prefix else name
             raise RuntimeError(
                 f"{path}: TiedLoRA adds its adapters to the whole model at once in __call__ (the "
                 "tied factors are shared by every layer of every pipeline chunk) and has not "
