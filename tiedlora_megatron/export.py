@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -39,9 +40,9 @@ from torch import nn
 from tiedlora_megatron.adapter import TiedLoRAAdapter
 from tiedlora_megatron.export_base import ExportBase, resolve_base
 from tiedlora_megatron.export_names import (
-    HF_TARGETS,
     ExportError,
     hf_family,
+    hf_modules,
     hf_tensors,
     layer_prefix,
     peft_target_modules,
@@ -140,6 +141,11 @@ def _protected(
 
 # -- PEFT export -------------------------------------------------------------------------------
 
+#: A PEFT tensor name -> the HF module under the decoder layer.
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.(?:model\.layers|transformer\.h)\.\d+\.(.+)\.lora_[AB]\."
+)
+
 
 def _peft_factors(adapter: TiedLoRAAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A, lora_B) in fp32, global, rows in megatron order: A and s · diag(v) · B · diag(u)."""
@@ -186,6 +192,7 @@ def export_peft(
     final = prepare(out_dir, overwrite, adapters, chunks, arch, protected)
     family = hf_family(arch)
     tensors: dict[str, torch.Tensor] = {}
+    expert_tensors: dict[str, torch.Tensor] = {}  # a routed expert's: on its EP rank only
     adapted: set[str] = set()
     dtype = next(iter(adapters.parameters(trainable_only=False))).dtype
     for chunk_adapters in adapters.adapters:
@@ -193,12 +200,14 @@ def export_peft(
             lora_a, lora_b = _peft_factors(adapter)
             pieces = row_pieces(adapter.kind, lora_b, arch)
             prefix = layer_prefix(arch, adapter.layer_number - 1)
-            for module, piece in HF_TARGETS[family][adapter.kind].items():
+            out = tensors if adapter.expert is None else expert_tensors
+            for module, piece in hf_modules(family, adapter).items():
                 key = f"base_model.model.{prefix}{module}"
-                tensors[f"{key}.lora_A.weight"] = lora_a.to(dtype, copy=True)
-                tensors[f"{key}.lora_B.weight"] = pieces[piece].to(dtype)
+                out[f"{key}.lora_A.weight"] = lora_a.to(dtype, copy=True)
+                out[f"{key}.lora_B.weight"] = pieces[piece].to(dtype)
                 adapted.add(module)
-    tensors = to_rank0(tensors)
+    tensors = {**to_rank0(tensors), **to_rank0(expert_tensors, experts=True)}
+    adapted = {_LORA_KEY.match(key).group(1) for key in tensors}  # every rank's, on rank 0
     rank = adapters.config.rank
     peft_config = {
         "peft_type": "LORA",
@@ -207,7 +216,7 @@ def export_peft(
         "r": rank,
         "lora_alpha": rank,  # scaling 1: s, u and v are already in lora_B
         "lora_dropout": 0.0,
-        "target_modules": peft_target_modules(adapted, family),
+        "target_modules": peft_target_modules(adapted, family, arch.num_moe_experts or 0),
         "fan_in_fan_out": family == "gpt2",  # GPT-2's Conv1D stores [in, out]
         "bias": "none",
         "use_rslora": False,
@@ -341,6 +350,11 @@ def export_merged_hf(
     """
     resolved = resolve_base(base, hf_config)
     arch = resolved.arch
+    if arch.num_moe_experts:
+        raise ExportError(
+            f"merged-HF export of an MoE model ({arch.family}) is not supported yet; export the "
+            "adapter as PEFT LoRA (--format peft), which transformers + peft load onto the base"
+        )
     protected = _protected(resolved, adapters, adapter_checkpoint)
     final = prepare(out_dir, overwrite, adapters, chunks, arch, protected)
     dtype = unwrap(chunks[0]).config.params_dtype

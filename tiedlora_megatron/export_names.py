@@ -24,6 +24,7 @@ from tiedlora_megatron.models.hf import (
     gpt2_weight_names,
     llama_weight_names,
 )
+from tiedlora_megatron.models.moe import MOE_MODEL_TYPES
 from tiedlora_megatron.pipeline import unwrap
 
 
@@ -33,7 +34,13 @@ class ExportError(ValueError):
 
 # -- megatron -> HF names ----------------------------------------------------------------------
 
+_LLAMA_ATTENTION = {
+    "linear_qkv": {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"},
+    "linear_proj": {"self_attn.o_proj": "o"},
+}
+
 #: Per family: megatron target -> {HF module (under the layer) -> logical piece of its rows}.
+#: `{e}` in a module stands for the global expert index of a routed expert's adapter.
 HF_TARGETS: dict[str, dict[str, dict[str, str]]] = {
     "llama": {
         "linear_qkv": {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"},
@@ -47,20 +54,51 @@ HF_TARGETS: dict[str, dict[str, dict[str, str]]] = {
         "linear_fc1": {"mlp.c_fc": "fc1"},
         "linear_fc2": {"mlp.c_proj": "down"},
     },
+    # vLLM's MoE LoRA layout: one lora_A / lora_B per expert's projection.
+    "mixtral": {
+        **_LLAMA_ATTENTION,
+        "experts.linear_fc1": {
+            "block_sparse_moe.experts.{e}.w1": "gate",
+            "block_sparse_moe.experts.{e}.w3": "up",
+        },
+        "experts.linear_fc2": {"block_sparse_moe.experts.{e}.w2": "down"},
+    },
+    "qwen2_moe": {
+        **_LLAMA_ATTENTION,
+        "experts.linear_fc1": {
+            "mlp.experts.{e}.gate_proj": "gate",
+            "mlp.experts.{e}.up_proj": "up",
+        },
+        "experts.linear_fc2": {"mlp.experts.{e}.down_proj": "down"},
+        "shared_experts.linear_fc1": {
+            "mlp.shared_expert.gate_proj": "gate",
+            "mlp.shared_expert.up_proj": "up",
+        },
+        "shared_experts.linear_fc2": {"mlp.shared_expert.down_proj": "down"},
+    },
 }
-#: Where each target sits in a megatron TransformerLayer.
-TARGET_PATH = re.compile(r"(?:^|\.)decoder\.layers\.\d+\.(?:self_attention|mlp)\.(linear_\w+)$")
+#: Where each target sits in a megatron TransformerLayer (a routed expert's or the shared one's).
+TARGET_PATH = re.compile(
+    r"(?:^|\.)decoder\.layers\.\d+\.(?:self_attention|mlp)\."
+    r"(?:experts\.local_experts\.\d+\.|shared_experts\.)?(linear_\w+)$"
+)
 
 
 def hf_family(arch: GPTArch) -> str:
     if arch.family in LLAMA_FAMILY:
         return "llama"
-    if arch.family == "gpt2":
-        return "gpt2"
+    if arch.family in ("gpt2", *MOE_MODEL_TYPES):
+        return arch.family
     raise ExportError(
         f"model family {arch.family!r} has no HF equivalent here; export supports "
-        f"{', '.join((*LLAMA_FAMILY, 'gpt2'))}"
+        f"{', '.join((*LLAMA_FAMILY, 'gpt2', *MOE_MODEL_TYPES))}"
     )
+
+
+def hf_modules(family: str, adapter) -> dict[str, str]:
+    """{HF module under the layer: logical piece} of one adapter (its expert's modules)."""
+    modules = HF_TARGETS[family][adapter.kind]
+    return {m.format(e=adapter.expert): piece for m, piece in modules.items()}
 
 
 def layer_prefix(arch: GPTArch, index: int) -> str:
@@ -70,7 +108,9 @@ def layer_prefix(arch: GPTArch, index: int) -> str:
 
 def row_pieces(kind: str, rows: torch.Tensor, arch: GPTArch) -> dict[str, torch.Tensor]:
     """The logical pieces (q, k, v, qkv, gate, up, ...) of a tensor whose first dim is a megatron
-    target's global output rows; `qkv` is HF's fused [q; k; v] order (GPT-2's c_attn)."""
+    target's global output rows; `qkv` is HF's fused [q; k; v] order (GPT-2's c_attn). An
+    expert's fc1 / fc2 is cut as a dense one."""
+    kind = kind.rsplit(".", 1)[-1]
     if kind == "linear_qkv":
         groups = arch.num_query_groups
         per_group = arch.num_attention_heads // groups
@@ -124,10 +164,9 @@ def check_adapters(adapters: TiedLoRAAdapters, chunks: Sequence[nn.Module], arch
         raise ExportError("the adapters were applied to other model chunks than the ones given")
     for chunk_adapters in adapters.adapters:
         for name, adapter in chunk_adapters.items():
-            match = TARGET_PATH.search(name)
             if (
-                match is None
-                or match.group(1) not in HF_TARGETS[family]
+                TARGET_PATH.search(name) is None
+                or adapter.kind not in HF_TARGETS[family]
                 or adapter.layer_number is None
             ):
                 raise ExportError(
@@ -144,10 +183,16 @@ def resolve_arch(arch_or_hf_config: GPTArch | dict) -> tuple[GPTArch, str]:
     return arch_from_hf_config(arch_or_hf_config), arch_or_hf_config.get("_name_or_path", "")
 
 
-def peft_target_modules(adapted: set[str], family: str) -> list[str]:
+def peft_target_modules(adapted: set[str], family: str, experts: int = 0) -> list[str]:
     """PEFT's target_modules: a module's own name where that picks only adapted modules, its
-    qualified name where another HF module shares the name (GPT-2's attn / mlp c_proj)."""
-    every = [m for mods in HF_TARGETS[family].values() for m in mods]
+    qualified name where another HF module shares the name (GPT-2's attn / mlp c_proj, a
+    Qwen2-MoE expert's and the shared expert's gate_proj)."""
+    every = [
+        m.format(e=e)
+        for mods in HF_TARGETS[family].values()
+        for m in mods
+        for e in (range(experts) if "{e}" in m else [0])
+    ]
     out = set()
     for module in adapted:
         leaf = module.rsplit(".", 1)[-1]

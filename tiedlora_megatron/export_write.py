@@ -38,23 +38,27 @@ MARKER_TOOL = "tiedlora-megatron export"
 # -- gathering ---------------------------------------------------------------------------------
 
 
-def _writes() -> bool:
-    """Whether this rank's gathered tensors are sent to rank 0 (one copy per pipeline stage)."""
+def _writes(experts: bool = False) -> bool:
+    """Whether this rank's gathered tensors are sent to rank 0 (one copy per pipeline stage;
+    routed experts' tensors: one copy per expert, from its first expert-data-parallel rank)."""
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         return True
+    if experts:
+        return ps.get_expert_data_parallel_rank() == 0
     return (
         ps.get_tensor_model_parallel_rank() == 0
         and ps.get_data_parallel_rank(with_context_parallel=True) == 0
     )
 
 
-def to_rank0(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """All ranks' tensors on global rank 0 (elsewhere: empty)."""
+def to_rank0(tensors: dict[str, torch.Tensor], experts: bool = False) -> dict[str, torch.Tensor]:
+    """All ranks' tensors on global rank 0 (elsewhere: empty); `experts`: routed experts' (see
+    `_writes`)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensors
-    mine = tensors if _writes() else {}
+    mine = tensors if _writes(experts) else {}
     gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if gathered is None:

@@ -69,13 +69,17 @@ def gpt_layer_spec(
     qk_layernorm: bool = False,
     normalization: str | None = None,
 ) -> ModuleSpec:
-    """`get_gpt_layer_local_spec` with `SequenceParallelNorm` for every norm (dense layers only).
+    """`get_gpt_layer_local_spec` with `SequenceParallelNorm` for every norm; with `num_experts`,
+    MoE layers of `SequentialMLP` experts (no grouped GEMM: the adapters reach each expert).
 
     As in megatron's local spec, the norm type follows `config.normalization`.
     """
-    if num_experts is not None:
-        raise ValueError("gpt_layer_spec supports dense layers only (num_experts=None)")
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    spec = get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=qk_layernorm,
+        normalization=normalization,
+    )
     layer = spec.submodules
     attention = layer.self_attention
     attention_norms = {
@@ -101,7 +105,7 @@ def gpt_block_spec(
     """The layers of this pipeline stage (virtual stage `vp_stage`) plus a `SequenceParallelNorm`
     final norm: pass it to `GPTModel` as `transformer_layer_spec`.
     """
-    layer = gpt_layer_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    layer = gpt_layer_spec(config.num_moe_experts, qk_layernorm, normalization)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * num_layers, layer_norm=SequenceParallelNorm

@@ -56,6 +56,13 @@ class GPTArch:
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     rope_scaling_factor: float | None = None
+    # Mixture of experts (models/moe.py); None / defaults: a dense model.
+    num_moe_experts: int | None = None
+    moe_router_topk: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
+    moe_router_pre_softmax: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,8 +90,15 @@ class GPTArch:
             problems.append(f"ffn_hidden_size={self.ffn_hidden_size}")
         return problems
 
-    def check_parallel(self, tp: int, pp: int, vp: int | None) -> None:
+    def check_parallel(
+        self, tp: int, pp: int, vp: int | None, ep: int = 1, sequence_parallel: bool = False
+    ) -> None:
         """Raise a ValueError naming each model dimension that the layout cannot split."""
+        from tiedlora_megatron.models.moe import moe_parallel_problems
+
+        moe = moe_parallel_problems(self, tp, ep, sequence_parallel)
+        if moe:
+            raise ValueError(f"{self.family} model at this layout: {'; '.join(moe)}")
         problems = self._tp_problems(tp)
         if problems:
             raise ValueError(
@@ -123,12 +137,14 @@ def transformer_config(
     vp: int | None,
     dtype: torch.dtype,
     overrides: dict[str, Any] | None = None,
+    ep: int = 1,
 ):
     """The megatron TransformerConfig for `arch`: inference-exact, CPU-safe (fusions off).
 
     `overrides` sets training-time fields (sequence_parallel, recompute_*, ...) on top."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from tiedlora_megatron.models.moe import moe_config_fields
     from tiedlora_megatron.spec import unfused_settings
 
     return TransformerConfig(
@@ -156,7 +172,7 @@ def transformer_config(
         fp16=dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=False,
-        **{**unfused_settings(), **(overrides or {})},
+        **{**unfused_settings(), **moe_config_fields(arch, ep), **(overrides or {})},
     )
 
 
@@ -182,19 +198,26 @@ def build_model(
 
     if spec not in ("local", "te"):
         raise ValueError(f"spec must be 'local' or 'te', not {spec!r}")
+    if spec == "te" and arch.num_moe_experts:
+        raise ValueError(
+            f"{arch.family}: MoE models are built on the local spec only (SequentialMLP experts, "
+            "which the adapters can reach one expert at a time); use spec='local'"
+        )
     block_spec = te_gpt_block_spec if spec == "te" else gpt_block_spec
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     vp = ps.get_virtual_pipeline_model_parallel_world_size()
-    arch.check_parallel(tp, pp, vp)
+    ep = ps.get_expert_model_parallel_world_size()
+    sp = bool((config_overrides or {}).get("sequence_parallel", False))
+    arch.check_parallel(tp, pp, vp, ep, sp)
     vocab = padded_vocab_size or arch.padded_vocab_size(tp)
     if vocab % tp:
         raise ValueError(
             f"the checkpoint's padded vocabulary of {vocab} rows cannot be split over "
             f"tensor_model_parallel_size={tp}"
         )
-    config = transformer_config(arch, tp, pp, vp, dtype, config_overrides)
+    config = transformer_config(arch, tp, pp, vp, dtype, config_overrides, ep)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp is not None else None

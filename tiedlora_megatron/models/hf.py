@@ -7,6 +7,7 @@ the source presents them as [out, in] views, so the megatron-layout code sees on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 
 from tiedlora_megatron.models.arch import GPTArch, LayerSpec, ModelInfo, build_model
+from tiedlora_megatron.models.moe import MOE_MODEL_TYPES, moe_arch_fields, moe_weight_names
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2")
+SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2", *MOE_MODEL_TYPES)
 
 _HF_ACTIVATIONS = {
     "silu": "silu",
@@ -167,6 +169,9 @@ def arch_from_hf_config(cfg: dict) -> GPTArch:
         return _llama_arch(cfg)
     if model_type == "gpt2":
         return _gpt2_arch(cfg)
+    if model_type in MOE_MODEL_TYPES:  # a Llama-family attention with MoE MLPs
+        dense = _llama_arch({**cfg, "model_type": MOE_MODEL_TYPES[model_type]})
+        return dataclasses.replace(dense, family=model_type, **moe_arch_fields(cfg))
     raise ValueError(
         f"unsupported architecture: model_type={model_type!r} "
         f"(architectures={cfg.get('architectures')}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -267,6 +272,8 @@ class SafetensorsSource:
         if prefix is None:
             raise ValueError(f"{path}: no {key} tensor; is this a {arch.family} checkpoint?")
         self._names = base(arch, prefix)
+        if arch.num_moe_experts:
+            self._names.update(moe_weight_names(arch, prefix))
         self._stored = stored
 
     def _open(self, file: str):

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from tiedlora_megatron.models.arch import GPTArch
+from tiedlora_megatron.models.moe import load_moe_mlp, moe_expected_shape
 
 
 class WeightSource(Protocol):
@@ -42,6 +43,9 @@ class WeightSource(Protocol):
 
 
 def _expected_shape(arch: GPTArch, name: str) -> tuple[int, ...]:
+    moe = moe_expected_shape(arch, name)
+    if moe is not None:
+        return moe
     h, q = arch.hidden_size, arch.num_attention_heads * arch.kv_channels
     kv = arch.num_query_groups * arch.kv_channels
     ffn = arch.ffn_hidden_size
@@ -183,7 +187,13 @@ def _load_layer(layer, arch: GPTArch, src: WeightSource, rank: int, tp: int, don
     if bias_of(attn.linear_proj) is not None:
         _copy(attn.linear_proj.bias, src.full(p + "o_bias"), f"layer {i} o bias", done)
 
-    _load_norm(layer.pre_mlp_layernorm, mlp.linear_fc1, src, p + "ln2", f"layer {i} ln2", done)
+    _load_norm(
+        layer.pre_mlp_layernorm, getattr(mlp, "linear_fc1", None), src, p + "ln2",
+        f"layer {i} ln2", done,
+    )  # fmt: skip
+    if arch.num_moe_experts:
+        load_moe_mlp(mlp, arch, src, i, rank, tp, lambda t, v, what: _copy(t, v, what, done))
+        return
     ffn = arch.ffn_hidden_size // tp
     lo, hi = rank * ffn, (rank + 1) * ffn
     if arch.gated_linear_unit:
