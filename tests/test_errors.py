@@ -21,7 +21,8 @@ import pytest
 
 from tiedlora_megatron.config import ConfigError
 from tiedlora_megatron.finetune import cli
-from tiedlora_megatron.finetune.config import load_job_config, validate
+from tiedlora_megatron.finetune.checks import validate
+from tiedlora_megatron.finetune.config import load_job_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "tiny_gpt.yaml"

@@ -23,6 +23,7 @@ from tests.tiny_job import make_tiny_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "tiny_gpt.yaml"
+MOE_CONFIG = ROOT / "examples" / "configs" / "tiny_moe.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [f"{k}={v}" for k, v in overrides.items()]
 
 
-def _run(nproc: int, overrides: list[str], command: str = "train") -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    overrides = make_tiny_job(tmp_path_factory.mktemp("tiny_moe"), moe=True)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def _run(
+    nproc: int, overrides: list[str], command: str = "train", config: Path = CONFIG
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "-m", "tiedlora_megatron.finetune", command,
-        "--config", str(CONFIG), *overrides,
+        "--config", str(config), *overrides,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
@@ -64,20 +73,31 @@ def _adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("nproc", "layout"),
-    [(2, ["parallel.tp=2", "parallel.sp=true"]), (4, ["parallel.pp=2"])],
-    ids=["tp2_sp", "pp2_dp2"],
+    ("job", "nproc", "layout"),
+    [
+        ("dense", 2, ["parallel.tp=2", "parallel.sp=true"]),
+        ("dense", 4, ["parallel.pp=2"]),
+        ("moe", 2, ["parallel.ep=2"]),
+        ("moe", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
+    ],
+    ids=["tp2_sp", "pp2_dp2", "moe_ep2", "moe_tp2_sp_ep2"],
 )
 def test_resume_matches_uninterrupted(
-    tiny: list[str], tmp_path: Path, nproc: int, layout: list[str]
+    request: pytest.FixtureRequest, tmp_path: Path, job: str, nproc: int, layout: list[str]
 ) -> None:
+    tiny = request.getfixturevalue("tiny" if job == "dense" else "tiny_moe")
+    config = CONFIG if job == "dense" else MOE_CONFIG
     common = [*tiny, *layout, "train.steps=4", "eval.num_examples=-1", "eval.val_examples=8"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    _run(nproc, [*common, f"train.output_dir={whole}"])
-    first = _run(nproc, [*common, f"train.output_dir={parts}", "train.exit_interval=2"])
+    _run(nproc, [*common, f"train.output_dir={whole}"], config=config)
+    first = _run(
+        nproc, [*common, f"train.output_dir={parts}", "train.exit_interval=2"], config=config
+    )
     assert "exit_interval reached" in first.stdout
     assert not (parts / "summary.json").exists()
-    second = _run(nproc, [*common, f"train.output_dir={parts}", "train.exit_interval=2"])
+    second = _run(
+        nproc, [*common, f"train.output_dir={parts}", "train.exit_interval=2"], config=config
+    )
     assert "resumed from" in second.stdout and "step_0000002" in second.stdout
 
     expected = _losses(whole)
@@ -95,15 +115,15 @@ def test_resume_matches_uninterrupted(
     assert summary["steps"] == 4 and summary["world_size"] == nproc
     assert 0 < summary["tuned"]["val_loss"] < 20
 
-    # The eval command on one rank (TP=1, PP=1): the checkpoint reshards, and the same
+    # The eval command on one rank (TP=1, PP=1, EP=1): the checkpoint reshards, and the same
     # validation examples give the job's own final validation loss.
     evaluated = tmp_path / "eval"
-    _run(1, [*tiny, "eval.num_examples=-1", "eval.val_examples=8", f"train.output_dir={evaluated}",
-             "--adapter", str(whole / final)], command="eval")  # fmt: skip
+    one = [*tiny, "parallel.ep=1", "eval.num_examples=-1", "eval.val_examples=8",
+           f"train.output_dir={evaluated}"]  # fmt: skip
+    _run(1, [*one, "--adapter", str(whole / final)], command="eval", config=config)
     result = json.loads((evaluated / "eval_step_0000004.json").read_text())
     assert result["val_loss"] == pytest.approx(summary["tuned"]["val_loss"], rel=1e-5)
-    _run(1, [*tiny, "eval.num_examples=-1", "eval.val_examples=8", f"train.output_dir={evaluated}"],
-         command="eval")  # fmt: skip
+    _run(1, one, command="eval", config=config)
     base = json.loads((evaluated / "eval_base.json").read_text())
     assert base["val_loss"] != pytest.approx(result["val_loss"], rel=1e-4)
 
@@ -240,15 +260,16 @@ def test_fp8_config_errors(tiny: list[str], monkeypatch: pytest.MonkeyPatch) -> 
     from packaging.version import Version
 
     from tiedlora_megatron.config import ConfigError
-    from tiedlora_megatron.finetune import config as job_config
+    from tiedlora_megatron.finetune import checks
+    from tiedlora_megatron.finetune.config import load_job_config
 
-    monkeypatch.setattr(job_config, "te_available", lambda: True)
+    monkeypatch.setattr(checks, "te_available", lambda: True)
     monkeypatch.setattr("tiedlora_megatron.te.te_version", lambda: Version("2.1.0"))
     fp8 = ["model.spec=te", "precision.fp8=hybrid"]
 
     def check(overrides: list[str], world: int = 1) -> None:
-        cfg = job_config.load_job_config(CONFIG, [*tiny, *fp8, *overrides])
-        job_config.validate(cfg, world_size=world, check_model=False)
+        cfg = load_job_config(CONFIG, [*tiny, *fp8, *overrides])
+        checks.validate(cfg, world_size=world, check_model=False)
 
     with pytest.raises(ConfigError, match="data.seq_length=40 must be a multiple of 32 under FP8"):
         check(["data.seq_length=40", "parallel.tp=2", "parallel.sp=true"], world=2)

@@ -171,13 +171,15 @@ MOE_TARGETS = {
 }  # fmt: skip
 
 
-def _adapted_and_exported(root: str, out: str, name: str, preset: str, tp: int, ep: int):
+def _adapted_and_exported(
+    root: str, out: str, name: str, preset: str, tp: int, ep: int, merged: bool = False
+):
     """Logits of the loaded model with random adapters (on ranks that have them) and the
-    adapters exported as PEFT LoRA to `out`."""
+    adapters exported to `out` as PEFT LoRA (`merged`: as the HF model with ΔW folded in)."""
     from megatron.core import parallel_state as ps
 
     from tiedlora_megatron import TiedLoRAConfig, apply_tied_lora
-    from tiedlora_megatron.export import export_peft
+    from tiedlora_megatron.export import export_merged_hf, export_peft
     from tiedlora_megatron.models import forward_logits, load_hf_model
 
     _init(tp, ep)
@@ -194,7 +196,10 @@ def _adapted_and_exported(root: str, out: str, name: str, preset: str, tp: int, 
         }
         adapters.load_full_state_dict(state)
         logits = forward_logits(chunks, SEQS, info.arch.vocab_size)
-        export_peft(adapters, chunks, Path(root) / name, out)
+        if merged:
+            export_merged_hf(adapters, chunks, Path(root) / name, out)
+        else:
+            export_peft(adapters, chunks, Path(root) / name, out)
         return logits
     finally:
         ps.destroy_model_parallel()
@@ -225,3 +230,21 @@ def test_peft_export_loads_in_peft_with_the_same_logits(
             mine = logits[i, width - len(seq) :]
             assert (mine - ref).abs().max() > 0.1  # the adapters move the logits
             torch.testing.assert_close(got, mine, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "tp", "ep"), [("mixtral", 2, 2), ("qwen2_moe", 2, 2)])
+def test_merged_export_loads_in_transformers_with_the_same_logits(
+    pool, hf_dir, tmp_path, name, tp, ep
+):
+    out = tmp_path / "merged"
+    logits = pool.run(_adapted_and_exported, hf_dir, str(out), name, "vBuA", tp, ep, True)[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    refs = torch.load(Path(hf_dir) / "refs.pt")[name]
+    width = logits.shape[1]
+    with torch.no_grad():
+        for i, (seq, ref) in enumerate(zip(SEQS, refs, strict=True)):
+            mine = logits[i, width - len(seq) :]
+            assert (mine - ref).abs().max() > 0.1  # the adapters move the logits
+            torch.testing.assert_close(
+                model(torch.tensor([seq])).logits[0], mine, rtol=1e-4, atol=1e-4
+            )

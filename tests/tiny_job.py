@@ -35,28 +35,37 @@ def _examples(n: int, seed: int) -> list[dict[str, str]]:
     return out
 
 
-def make_tiny_job(root: Path, layers: int = 4) -> dict[str, str]:
-    """Write the model and data under `root`; return the overrides that point a job at them."""
+def make_tiny_job(root: Path, layers: int = 4, moe: bool = False) -> dict[str, str]:
+    """Write the model and data under `root`; return the overrides that point a job at them.
+    `moe`: a Mixtral (4 experts, top 2) instead of a Llama."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     from tiedlora_megatron.models import default_smollm2_path, load_tokenizer
 
-    model_dir = root / "model"
+    model_dir = root / ("model_moe" if moe else "model")
     if not (model_dir / "config.json").is_file():
         tok = load_tokenizer(default_smollm2_path())
         torch.manual_seed(0)
-        config = LlamaConfig(
+        dims = dict(
             vocab_size=len(tok.hf),
             hidden_size=64,
-            intermediate_size=128,
             num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=128,
             tie_word_embeddings=True,
         )
-        LlamaForCausalLM(config).save_pretrained(model_dir)
+        if moe:
+            config = transformers.MixtralConfig(
+                **dims, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2
+            )
+            model = transformers.MixtralForCausalLM(config)
+        else:
+            model = transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(**dims, intermediate_size=128)
+            )
+        model.save_pretrained(model_dir)
         tok.hf.save_pretrained(model_dir)
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -75,7 +84,8 @@ def make_tiny_job(root: Path, layers: int = 4) -> dict[str, str]:
 if __name__ == "__main__":
     import sys
 
-    overrides = make_tiny_job(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"))
+    args = [a for a in sys.argv[1:] if a != "--moe"]
+    overrides = make_tiny_job(Path(args[0] if args else "runs/tiny"), moe="--moe" in sys.argv)
     print(" ".join(f"{k}={v}" for k, v in overrides.items()))
 
 

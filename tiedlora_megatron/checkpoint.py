@@ -54,12 +54,12 @@ from tiedlora_megatron.params import ModelDims
 from tiedlora_megatron.pipeline import unwrap
 from tiedlora_megatron.stored import (
     METADATA_FILE,
-    OPTIMIZER_PREFIX,
     StoredDataError,
     check_extents,
     config_problems,
     describe,
     digest_problems,
+    is_optimizer_key,
     listing_problems,
     load_stored,
     read_index,
@@ -254,9 +254,7 @@ def _verify(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     else:
         problems = []
     adapter_keys = [
-        k
-        for k in stored
-        if not k.startswith(OPTIMIZER_PREFIX) and not compat.is_common_state_key(k)
+        k for k in stored if not is_optimizer_key(k) and not compat.is_common_state_key(k)
     ]
     _raise(path, problems + config_problems(config, adapter_keys))
     try:
@@ -358,7 +356,7 @@ def _model_problems(sharded: dict[str, dict[str, Any]], data: dict[str, Any]) ->
     stored = {
         k: tuple(v.shape)
         for k, v in data.items()
-        if not k.startswith(OPTIMIZER_PREFIX) and isinstance(v, torch.Tensor)
+        if not is_optimizer_key(k) and isinstance(v, torch.Tensor)
     }
     problems = [
         f"missing: {k!r} (shape {v}) is not stored" for k, v in expected.items() if k not in stored

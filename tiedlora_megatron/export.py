@@ -271,50 +271,85 @@ def _layer_tensors(
     layer: nn.Module, arch: GPTArch, adapter_of: dict[int, TiedLoRAAdapter]
 ) -> dict[str, torch.Tensor]:
     """Logical tensors ([out, in]) of one transformer layer, gathered, with ΔW folded in."""
-    from tiedlora_megatron.models.weights import bias_of, norm_param_names
+    from tiedlora_megatron.models.weights import norm_param_names
 
     p = f"layers.{layer.layer_number - 1}."
     attn, mlp = layer.self_attention, layer.mlp
     out: dict[str, torch.Tensor] = {}
     for norm, fused, name in (
         (layer.input_layernorm, attn.linear_qkv, "ln1"),
-        (layer.pre_mlp_layernorm, mlp.linear_fc1, "ln2"),
+        (layer.pre_mlp_layernorm, getattr(mlp, "linear_fc1", None), "ln2"),
     ):
         weight, bias = norm_param_names(norm, fused)
         out[p + name] = weight.detach()
         if bias is not None:
             out[f"{p}{name}_bias"] = bias.detach()
-    for kind, module in (
-        ("linear_qkv", attn.linear_qkv),
-        ("linear_proj", attn.linear_proj),
-        ("linear_fc1", mlp.linear_fc1),
-        ("linear_fc2", mlp.linear_fc2),
-    ):
-        layout = describe_linear(module, kind)
-        weight = module.weight.detach()
-        adapter = adapter_of.get(id(module))
-        if adapter is not None and not adapter.merged:
-            weight = _merged_weight(adapter, weight)
-        column = layout.parallel == "column"
-        full = gather_full(weight, layout, 0 if column else 1)
-        pieces = row_pieces(kind, full, arch)
-        bias = bias_of(module)
-        if bias is not None:
-            full_bias = gather_full(bias.detach(), layout, 0) if column else bias.detach()
-            pieces.update({f"{k}_bias": v for k, v in row_pieces(kind, full_bias, arch).items()})
-        pieces.pop("qkv", None)
-        pieces.pop("qkv_bias", None)
-        out.update({p + k: v for k, v in pieces.items()})
+    linears = [(p, "linear_qkv", attn.linear_qkv), (p, "linear_proj", attn.linear_proj)]
+    shared = getattr(mlp, "shared_experts", None)
+    if arch.num_moe_experts:
+        out[p + "router"] = mlp.router.weight.detach()
+        if shared is not None:
+            linears += [
+                (f"{p}shared.", k, getattr(shared, k)) for k in ("linear_fc1", "linear_fc2")
+            ]
+            if getattr(shared, "gate_weight", None) is not None:
+                out[p + "shared_gate"] = shared.gate_weight.detach()
+    else:
+        linears += [(p, k, getattr(mlp, k)) for k in ("linear_fc1", "linear_fc2")]
+    for prefix, kind, module in linears:
+        out.update(_linear_tensors(prefix, kind, module, arch, adapter_of))
     return out
+
+
+def _expert_tensors(
+    layer: nn.Module, arch: GPTArch, adapter_of: dict[int, TiedLoRAAdapter]
+) -> dict[str, torch.Tensor]:
+    """Logical tensors of this rank's routed experts in one MoE layer, with ΔW folded in."""
+    if not arch.num_moe_experts:
+        return {}
+    experts = layer.mlp.experts
+    first = experts.ep_group.rank() * experts.num_local_experts
+    out: dict[str, torch.Tensor] = {}
+    for i, expert in enumerate(experts.local_experts):
+        prefix = f"layers.{layer.layer_number - 1}.experts.{first + i}."
+        for kind in ("linear_fc1", "linear_fc2"):
+            module = getattr(expert, kind)
+            out.update(_linear_tensors(prefix, kind, module, arch, adapter_of))
+    return out
+
+
+def _linear_tensors(
+    prefix: str, kind: str, module: nn.Module, arch: GPTArch, adapter_of: dict
+) -> dict[str, torch.Tensor]:
+    """One linear layer's logical pieces (q / k / v, gate / up, ...), gathered over TP, with its
+    adapter's ΔW folded in."""
+    from tiedlora_megatron.models.weights import bias_of
+
+    layout = describe_linear(module, kind)
+    weight = module.weight.detach()
+    adapter = adapter_of.get(id(module))
+    if adapter is not None and not adapter.merged:
+        weight = _merged_weight(adapter, weight)
+    column = layout.parallel == "column"
+    full = gather_full(weight, layout, 0 if column else 1)
+    pieces = row_pieces(kind, full, arch)
+    bias = bias_of(module)
+    if bias is not None:
+        full_bias = gather_full(bias.detach(), layout, 0) if column else bias.detach()
+        pieces.update({f"{k}_bias": v for k, v in row_pieces(kind, full_bias, arch).items()})
+    pieces.pop("qkv", None)
+    pieces.pop("qkv_bias", None)
+    return {prefix + k: v for k, v in pieces.items()}
 
 
 def _model_tensors(
     chunks: Sequence[nn.Module], arch: GPTArch, adapters: TiedLoRAAdapters
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """This rank's part of the model as logical tensors (the HF loader's names), gathered over
-    TP, with the adapters folded in."""
+    TP, with the adapters folded in: (everything but the routed experts, this rank's experts)."""
     adapter_of = {id(base): adapter for adapter, base in _adapted_bases(adapters)}
     out: dict[str, torch.Tensor] = {}
+    experts: dict[str, torch.Tensor] = {}
     for chunk in map(unwrap, chunks):
         if chunk.pre_process:
             out["embed"] = _vocab_rows(chunk.embedding.word_embeddings.weight, arch)
@@ -322,11 +357,12 @@ def _model_tensors(
                 out["pos_embed"] = chunk.embedding.position_embeddings.weight.detach()
         for layer in chunk.decoder.layers:
             out.update(_layer_tensors(layer, arch, adapter_of))
+            experts.update(_expert_tensors(layer, arch, adapter_of))
         if chunk.post_process:
             out.update(_norm_tensors(chunk.decoder.final_layernorm, "final_norm"))
             if not arch.tie_embeddings:
                 out["lm_head"] = _vocab_rows(chunk.output_layer.weight, arch)
-    return out
+    return out, experts
 
 
 def export_merged_hf(
@@ -350,15 +386,14 @@ def export_merged_hf(
     """
     resolved = resolve_base(base, hf_config)
     arch = resolved.arch
-    if arch.num_moe_experts:
-        raise ExportError(
-            f"merged-HF export of an MoE model ({arch.family}) is not supported yet; export the "
-            "adapter as PEFT LoRA (--format peft), which transformers + peft load onto the base"
-        )
     protected = _protected(resolved, adapters, adapter_checkpoint)
     final = prepare(out_dir, overwrite, adapters, chunks, arch, protected)
     dtype = unwrap(chunks[0]).config.params_dtype
-    tensors = to_rank0(hf_tensors(_model_tensors(chunks, arch, adapters), arch))
+    dense, experts = _model_tensors(chunks, arch, adapters)
+    tensors = {
+        **to_rank0(hf_tensors(dense, arch)),
+        **to_rank0(hf_tensors(experts, arch), experts=True),
+    }
 
     def write(directory: Path) -> None:
         config = {**resolved.hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}

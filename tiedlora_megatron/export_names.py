@@ -24,7 +24,7 @@ from tiedlora_megatron.models.hf import (
     gpt2_weight_names,
     llama_weight_names,
 )
-from tiedlora_megatron.models.moe import MOE_MODEL_TYPES
+from tiedlora_megatron.models.moe import MOE_MODEL_TYPES, moe_weight_names
 from tiedlora_megatron.pipeline import unwrap
 
 
@@ -207,6 +207,8 @@ def hf_tensors(logical: dict[str, torch.Tensor], arch: GPTArch) -> dict[str, tor
     names_of = gpt2_weight_names if arch.family == "gpt2" else llama_weight_names
     prefix = "transformer." if arch.family == "gpt2" else "model."
     names = names_of(arch, prefix)
+    if arch.num_moe_experts:
+        names.update(moe_weight_names(arch, prefix))
     parts: dict[str, list[tuple[WeightEntry, torch.Tensor]]] = {}
     for name, value in logical.items():
         entry = names[name]

@@ -30,8 +30,13 @@ from tiedlora_megatron.experts import parse_bank_key, target_kind
 MEGATRON_FILES = ("common.pt", "metadata.json")
 #: The Tied-LoRA metadata of a checkpoint, with the list of what it stores.
 METADATA_FILE = "tiedlora.json"
-#: Stored keys under this prefix are optimizer state; the others are the adapter tensors.
-OPTIMIZER_PREFIX = "optimizer."
+#: Stored keys of optimizer state: megatron's `optimizer.` or, for a ChainedOptimizer (dense and
+#: expert parameters of an MoE model), `chained_<i>.optimizer.`; the others are adapter tensors.
+_OPTIMIZER_KEY = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
+
+
+def is_optimizer_key(key: str) -> bool:
+    return _OPTIMIZER_KEY.match(key) is not None
 
 
 class StoredDataError(ValueError):

@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from tiedlora_megatron.config import DENSE_TARGETS, PRESETS, ConfigError
-from tiedlora_megatron.finetune.config import JobConfig, load_job_config, validate
+from tiedlora_megatron.finetune.checks import validate
+from tiedlora_megatron.finetune.config import JobConfig, load_job_config
 
 DEFAULT_CONFIG = "examples/configs/smollm2_squad.yaml"
 # LoRA, VeRA, and the paper's tied variants: vBuA and three others.

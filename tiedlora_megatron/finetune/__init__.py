@@ -9,6 +9,7 @@ directory's lock; `preemption`: SIGTERM / SIGUSR1), `loss` the masked SFT forwar
 `progress` logging.
 """
 
-from tiedlora_megatron.finetune.config import JobConfig, load_job_config, validate
+from tiedlora_megatron.finetune.checks import validate
+from tiedlora_megatron.finetune.config import JobConfig, load_job_config
 
 __all__ = ["JobConfig", "load_job_config", "validate"]

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from tiedlora_megatron.config import ConfigError
-from tiedlora_megatron.finetune.config import JobConfig, token_multiple, validation_examples
+from tiedlora_megatron.finetune.checks import token_multiple, validation_examples
+from tiedlora_megatron.finetune.config import JobConfig
 from tiedlora_megatron.finetune.progress import is_rank0
 
 #: Built-in tasks whose files are fetched into a cache on first use, with the function that

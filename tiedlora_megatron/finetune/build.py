@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tiedlora_megatron.finetune.config import JobConfig, tokenizer_path
+from tiedlora_megatron.finetune.checks import tokenizer_path
+from tiedlora_megatron.finetune.config import JobConfig
 
 
 @dataclass
@@ -48,6 +49,8 @@ def init_distributed(cfg: JobConfig) -> Runtime:
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=1,
     )
     model_parallel_cuda_manual_seed(cfg.train.seed)
     return Runtime(device, cpu, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())

@@ -287,7 +287,8 @@ def _show(args, cfg) -> int:
 
 
 def _run(args) -> int:
-    from tiedlora_megatron.finetune.config import load_job_config, validate
+    from tiedlora_megatron.finetune.checks import validate
+    from tiedlora_megatron.finetune.config import load_job_config
 
     cfg = load_job_config(args.config, args.overrides)
     if args.command == "show":

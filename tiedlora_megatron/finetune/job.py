@@ -153,12 +153,14 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
     optimizer, scheduler = build_optimizer(cfg, model)
     splits = load_splits_every_rank(cfg, tokenizer, ("train", "validation", cfg.eval.split))
     train_split = splits["train"]
+    experts = f", {info.arch.num_moe_experts} experts" if info.arch.num_moe_experts else ""
+    ep = f" EP={cfg.parallel.ep}" if info.arch.num_moe_experts else ""
     log(
         f"model {info.format}:{info.path} ({info.arch.num_layers} layers, hidden "
-        f"{info.arch.hidden_size}) | adapter {cfg.adapter.preset} r={cfg.adapter.rank} on "
-        f"{','.join(cfg.adapter.target_modules)} | layout TP={cfg.parallel.tp} PP={cfg.parallel.pp}"
-        f" VPP={cfg.parallel.vpp or 1} DP={rt.dp_size} SP={cfg.parallel.sp} | "
-        f"{cfg.precision.dtype}"
+        f"{info.arch.hidden_size}{experts}) | adapter {cfg.adapter.preset} r={cfg.adapter.rank} "
+        f"on {','.join(cfg.adapter.target_modules)} | layout TP={cfg.parallel.tp} "
+        f"PP={cfg.parallel.pp} VPP={cfg.parallel.vpp or 1} DP={rt.dp_size}{ep} "
+        f"SP={cfg.parallel.sp} | {cfg.precision.dtype}"
     )
     _log_data(cfg, splits, rt.dp_size)
     schedule = BatchSchedule(

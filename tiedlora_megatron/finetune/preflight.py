@@ -1,5 +1,5 @@
 """Checks before a launch, in one process before torchrun starts any rank: everything
-`config.validate` checks for the launch's process count, plus what is worth one process reading
+`checks.validate` checks for the launch's process count, plus what is worth one process reading
 first (the data files, the validation split's size, the output directory's writability and
 whether another job holds it). The launch scripts run them through
 `tiedlora-finetune show --check --nproc N`.
@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 from tiedlora_megatron.config import ConfigError
-from tiedlora_megatron.finetune.config import (
-    JobConfig,
+from tiedlora_megatron.finetune.checks import (
     tokenizer_path,
     validate,
     validation_examples,
     world_size_from_env,
 )
+from tiedlora_megatron.finetune.config import JobConfig
 from tiedlora_megatron.finetune.outdir import OutputDirLock
 
 

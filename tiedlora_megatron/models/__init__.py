@@ -1,5 +1,6 @@
-"""Pretrained base models for megatron-core: HF (Llama family, GPT-2), GGUF and megatron checkpoints
-(this library's, Megatron-LM's and NeMo 2's).
+"""Pretrained base models for megatron-core: HF (Llama family, GPT-2; the Mixtral and Qwen2-MoE
+mixtures of experts, `moe.py`), GGUF and megatron checkpoints (this library's, Megatron-LM's and
+NeMo 2's).
 
 Every loader reads the TP / PP / virtual-PP layout from megatron's `parallel_state` (initialise it
 first, and seed megatron's RNG tracker with `model_parallel_cuda_manual_seed`, which attention
