@@ -162,6 +162,24 @@ def test_config_errors_before_process_groups(
     _main_fails(capsys, ["train", "--config", str(CONFIG), *tiny, override], message)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["parallel.ep=3"], 2, "parallel.ep=3 must divide the tp x data-parallel ranks"),
+        (["parallel.tp=2"], 2, "parallel.sp=true"),
+        (["adapter.target_modules=[linear_fc1]"], 2, "its MLP target is experts.linear_fc1"),
+        (["adapter.preset=lora", "adapter.tie_experts=true"], 2, "tie_experts=True needs tied"),
+        (["model.spec=te"], 2, "model.spec=te"),
+    ],
+)
+def test_moe_config_errors_before_process_groups(
+    tiny_moe: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    overrides: list[str], world: int, message: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    _main_fails(capsys, ["train", "--config", str(MOE_CONFIG), *tiny_moe, *overrides], message)
+
+
 def test_missing_config_file(capsys: pytest.CaptureFixture) -> None:
     _main_fails(
         capsys, ["train", "--config", "/nonexistent.yaml"], "/nonexistent.yaml does not exist"

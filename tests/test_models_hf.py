@@ -65,6 +65,16 @@ def _hf_models() -> dict:
                 tie_word_embeddings=True,
             )
         ),
+        # query / key norms, explicit head size
+        "qwen3": transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(
+                **common,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                tie_word_embeddings=False,
+            )
+        ),
         "gpt2": transformers.GPT2LMHeadModel(
             transformers.GPT2Config(vocab_size=101, n_embd=64, n_layer=4, n_head=4, n_positions=64)
         ),

@@ -1,4 +1,4 @@
-"""HF MoE checkpoints (Mixtral, Qwen2-MoE) -> megatron-core (models/moe.py): logits equal
+"""HF MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE) -> megatron-core (models/moe.py): logits equal
 transformers' at TP 1/2 (sequence parallel) x EP 1/2, and Tied-LoRA on the loaded experts.
 
 Small random models are saved with transformers; their logits are computed once in this process
@@ -42,6 +42,18 @@ def _hf_models() -> dict:
                 num_experts_per_tok=2,
                 shared_expert_intermediate_size=80,
                 norm_topk_prob=False,
+            )  # fmt: skip
+        ),
+        # query / key norms; top-k renormalised, no shared expert
+        "qwen3_moe": transformers.Qwen3MoeForCausalLM(
+            transformers.Qwen3MoeConfig(
+                **common,
+                intermediate_size=96,
+                moe_intermediate_size=48,
+                num_experts=4,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+                head_dim=16,
             )  # fmt: skip
         ),
         "qwen2_moe_normed": transformers.Qwen2MoeForCausalLM(
@@ -168,6 +180,7 @@ MOE_TARGETS = {
         "linear_qkv", "experts.linear_fc1", "experts.linear_fc2",
         "shared_experts.linear_fc1", "shared_experts.linear_fc2",
     ],
+    "qwen3_moe": ["linear_qkv", "linear_proj", "experts.linear_fc1", "experts.linear_fc2"],
 }  # fmt: skip
 
 
@@ -207,7 +220,12 @@ def _adapted_and_exported(
 
 @pytest.mark.parametrize(
     ("name", "preset", "tp", "ep"),
-    [("mixtral", "vBuA", 2, 2), ("qwen2_moe", "vBuA", 1, 2), ("qwen2_moe", "lora", 2, 2)],
+    [
+        ("mixtral", "vBuA", 2, 2),
+        ("qwen2_moe", "vBuA", 1, 2),
+        ("qwen2_moe", "lora", 2, 2),
+        ("qwen3_moe", "vBuA", 2, 2),
+    ],
 )
 def test_peft_export_loads_in_peft_with_the_same_logits(
     pool, hf_dir, tmp_path, name, preset, tp, ep
@@ -219,7 +237,7 @@ def test_peft_export_loads_in_peft_with_the_same_logits(
     from safetensors.torch import load_file
 
     # per layer: q, k, v + every expert's gate, up, down (+ the shared expert's), A and B each
-    modules = 3 + 4 * 3 + (3 if name == "qwen2_moe" else 0)
+    modules = 3 + 4 * 3 + {"qwen2_moe": 3, "qwen3_moe": 1}.get(name, 0)
     assert len(load_file(out / "adapter_model.safetensors")) == 2 * 2 * modules
     model = peft.PeftModel.from_pretrained(base, out).eval()
     refs = torch.load(Path(hf_dir) / "refs.pt")[name]
@@ -232,7 +250,9 @@ def test_peft_export_loads_in_peft_with_the_same_logits(
             torch.testing.assert_close(got, mine, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "tp", "ep"), [("mixtral", 2, 2), ("qwen2_moe", 2, 2)])
+@pytest.mark.parametrize(
+    ("name", "tp", "ep"), [("mixtral", 2, 2), ("qwen2_moe", 2, 2), ("qwen3_moe", 2, 2)]
+)
 def test_merged_export_loads_in_transformers_with_the_same_logits(
     pool, hf_dir, tmp_path, name, tp, ep
 ):

@@ -284,6 +284,9 @@ def _layer_tensors(
         out[p + name] = weight.detach()
         if bias is not None:
             out[f"{p}{name}_bias"] = bias.detach()
+    if arch.qk_layernorm:
+        out[p + "q_norm"] = attn.q_layernorm.weight.detach()
+        out[p + "k_norm"] = attn.k_layernorm.weight.detach()
     linears = [(p, "linear_qkv", attn.linear_qkv), (p, "linear_proj", attn.linear_proj)]
     shared = getattr(mlp, "shared_experts", None)
     if arch.num_moe_experts:

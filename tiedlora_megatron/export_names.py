@@ -76,6 +76,14 @@ HF_TARGETS: dict[str, dict[str, dict[str, str]]] = {
         },
         "shared_experts.linear_fc2": {"mlp.shared_expert.down_proj": "down"},
     },
+    "qwen3_moe": {
+        **_LLAMA_ATTENTION,
+        "experts.linear_fc1": {
+            "mlp.experts.{e}.gate_proj": "gate",
+            "mlp.experts.{e}.up_proj": "up",
+        },
+        "experts.linear_fc2": {"mlp.experts.{e}.down_proj": "down"},
+    },
 }
 #: Where each target sits in a megatron TransformerLayer (a routed expert's or the shared one's).
 TARGET_PATH = re.compile(

@@ -83,11 +83,12 @@ class ModelDims:
             }[attr]
         size = mlps[f"{part}." if part else ""]
         if size is None:
+            mlps = [f"{p}{attr}" for p, n in mlps.items() if n is not None]
             raise ConfigError(
                 f"target {target!r}: the model has no such MLP (dims: "
                 + ("every layer an MoE layer" if self.num_moe_experts else "dense")
                 + (", no shared expert" if part == SHARED else "")
-                + ")"
+                + f"); its MLP target{'s are' if len(mlps) > 1 else ' is'} {', '.join(mlps)}"
             )
         if attr == "linear_fc1":
             return size * (2 if self.gated_linear_unit else 1), self.hidden_size

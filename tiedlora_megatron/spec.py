@@ -103,9 +103,11 @@ def gpt_block_spec(
     vp_stage: int | None = None,
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage (virtual stage `vp_stage`) plus a `SequenceParallelNorm`
-    final norm: pass it to `GPTModel` as `transformer_layer_spec`.
+    final norm: pass it to `GPTModel` as `transformer_layer_spec`. Query / key norms when
+    `qk_layernorm` or the config's.
     """
-    layer = gpt_layer_spec(config.num_moe_experts, qk_layernorm, normalization)
+    qk = qk_layernorm or config.qk_layernorm
+    layer = gpt_layer_spec(config.num_moe_experts, qk, normalization)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * num_layers, layer_norm=SequenceParallelNorm

@@ -9,6 +9,7 @@ after minutes of start-up on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ from tiedlora_megatron.finetune.config import (
     JobConfig,
     ModelSection,
 )
+from tiedlora_megatron.params import ModelDims
 
 #: FP8 GEMMs need the token count of every TE layer's input to be a multiple of this.
 FP8_TOKEN_MULTIPLE = 16
@@ -223,6 +225,14 @@ def validate(
             arch.check_parallel(par.tp, par.pp, par.vpp, par.ep, par.sp)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        dims = ModelDims(**{f.name: getattr(arch, f.name) for f in dataclasses.fields(ModelDims)})
+        for target in cfg.adapter.target_modules:
+            dims.target_shape(target)  # a ConfigError names an MLP the model does not have
+        if arch.num_moe_experts and m.spec == "te":
+            raise ConfigError(
+                f"model.spec=te: the {arch.family} MoE model is built on the local spec only "
+                "(SequentialMLP experts, which the adapters reach one expert at a time)"
+            )
         longest = d.seq_length or d.max_length
         if longest > arch.max_position_embeddings:
             raise ConfigError(

@@ -56,6 +56,8 @@ class GPTArch:
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     rope_scaling_factor: float | None = None
+    qk_layernorm: bool = False
+    """RMSNorm of each query and key head before RoPE (Qwen3)."""
     # Mixture of experts (models/moe.py); None / defaults: a dense model.
     num_moe_experts: int | None = None
     moe_router_topk: int | None = None
@@ -160,6 +162,7 @@ def transformer_config(
         activation_func=_ACTIVATIONS[arch.activation],
         add_bias_linear=arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,

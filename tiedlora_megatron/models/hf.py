@@ -19,7 +19,7 @@ import torch
 from tiedlora_megatron.models.arch import GPTArch, LayerSpec, ModelInfo, build_model
 from tiedlora_megatron.models.moe import MOE_MODEL_TYPES, moe_arch_fields, moe_weight_names
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2", *MOE_MODEL_TYPES)
 
 _HF_ACTIVATIONS = {
@@ -93,10 +93,10 @@ def _llama_arch(cfg: dict) -> GPTArch:
     model_type = cfg["model_type"]
     heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
+    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise ValueError(f"{model_type} with use_sliding_window=true is not supported")
     if model_type == "qwen2":
         qkv_bias, linear_bias = True, False
-        if cfg.get("use_sliding_window"):
-            raise ValueError("qwen2 with use_sliding_window=true is not supported")
     else:
         attn_bias, mlp_bias = cfg.get("attention_bias", False), cfg.get("mlp_bias", False)
         if attn_bias != mlp_bias:
@@ -132,6 +132,7 @@ def _llama_arch(cfg: dict) -> GPTArch:
         rotary_base=float(cfg.get("rope_theta", 10000.0)),
         rotary_percent=float(cfg.get("partial_rotary_factor", 1.0)),
         rope_scaling_factor=_rope_scaling_factor(cfg),
+        qk_layernorm=model_type == "qwen3",
     )
 
 
@@ -201,6 +202,8 @@ def llama_weight_names(arch: GPTArch, prefix: str) -> dict[str, WeightEntry]:
         "k": "self_attn.k_proj",
         "v": "self_attn.v_proj",
         "o": "self_attn.o_proj",
+        "q_norm": "self_attn.q_norm",
+        "k_norm": "self_attn.k_norm",
         "gate": "mlp.gate_proj",
         "up": "mlp.up_proj",
         "down": "mlp.down_proj",

@@ -1,12 +1,12 @@
-"""Mixture-of-experts GPTs (HF Mixtral, Qwen2-MoE) in megatron-core: their `GPTArch` fields,
+"""Mixture-of-experts GPTs (HF Mixtral, Qwen2-MoE, Qwen3-MoE) in megatron-core: their `GPTArch` fields,
 HF tensor names, and the loading of router, routed experts and shared expert.
 
 Every layer is an MoE layer (Mixtral; Qwen2-MoE with `decoder_sparse_step=1` and no
-`mlp_only_layers`). Routing matches transformers exactly: Mixtral takes the top k of the router
+`mlp_only_layers`; Qwen3-MoE likewise). Routing matches transformers exactly: Mixtral takes the top k of the router
 logits and softmaxes over them, which equals its softmax over all experts renormalised over the
-top k (megatron's default, `moe_router_pre_softmax=False`); Qwen2-MoE without `norm_topk_prob`
-softmaxes over all experts and keeps the top k probabilities unnormalised
-(`moe_router_pre_softmax=True`). No token is dropped (no capacity factor) and no auxiliary loss
+top k (megatron's default, `moe_router_pre_softmax=False`), as do the Qwen MoEs with
+`norm_topk_prob`; without it they softmax over all experts and keep the top k probabilities
+unnormalised (`moe_router_pre_softmax=True`). No token is dropped (no capacity factor) and no auxiliary loss
 is added (`moe_router_load_balancing_type="none"`), so the logits are the HF model's.
 
 The experts are megatron-core's `SequentialMLP` (local spec, `moe_grouped_gemm=False`) with
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from tiedlora_megatron.models.hf import WeightEntry
 
 #: HF model types of MoE GPTs and the attention family (tensor names, biases) they share.
-MOE_MODEL_TYPES = {"mixtral": "mistral", "qwen2_moe": "qwen2"}
+MOE_MODEL_TYPES = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 
 #: Per family: HF module paths under `layers.<i>.` of the router, the experts, their
 #: gate / up / down projections, the shared expert and its gate.
@@ -43,6 +43,11 @@ _HF_MOE_NAMES = {
         shared="mlp.shared_expert",
         shared_gate="mlp.shared_expert_gate",
     ),
+    "qwen3_moe": dict(
+        router="mlp.gate",
+        experts="mlp.experts",
+        proj={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    ),
 }
 
 
@@ -57,7 +62,7 @@ def moe_arch_fields(cfg: dict) -> dict[str, Any]:
         )
     if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
         raise ValueError(
-            "qwen2_moe with dense layers (decoder_sparse_step != 1 or mlp_only_layers) is not "
+            f"{model_type} with dense layers (decoder_sparse_step != 1 or mlp_only_layers) is not "
             "supported: every layer must be an MoE layer"
         )
     shared = cfg.get("shared_expert_intermediate_size") or None
@@ -103,7 +108,7 @@ def moe_parallel_problems(arch: GPTArch, tp: int, ep: int, sequence_parallel: bo
     if tp > 1 and not sequence_parallel:
         problems.append(
             "megatron-core runs MoE layers under tensor parallelism only with sequence "
-            "parallelism: set sequence_parallel=True"
+            "parallelism: set sequence_parallel=True (the job: parallel.sp=true)"
         )
     return problems
 

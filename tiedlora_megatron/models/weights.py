@@ -65,6 +65,8 @@ def _expected_shape(arch: GPTArch, name: str) -> tuple[int, ...]:
         "q_bias": (q,),
         "k_bias": (kv,),
         "v_bias": (kv,),
+        "q_norm": (arch.kv_channels,),
+        "k_norm": (arch.kv_channels,),
         "gate_bias": (ffn,),
         "up_bias": (ffn,),
         "fc1_bias": (ffn,),
@@ -176,6 +178,10 @@ def _load_layer(layer, arch: GPTArch, src: WeightSource, rank: int, tp: int, don
     if bias_of(attn.linear_qkv) is not None:
         qkv_b = torch.cat([src.rows(f"{p}{kind}_bias", a * hd, b * hd) for kind, a, b in pieces])
         _copy(attn.linear_qkv.bias, qkv_b, f"layer {i} qkv bias", done)
+
+    if arch.qk_layernorm:
+        _copy(attn.q_layernorm.weight, src.full(p + "q_norm"), f"layer {i} q norm", done)
+        _copy(attn.k_layernorm.weight, src.full(p + "k_norm"), f"layer {i} k norm", done)
 
     width = arch.num_attention_heads * hd // tp
     _copy(
