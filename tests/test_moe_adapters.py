@@ -395,3 +395,22 @@ def test_grouped_gemm_experts_are_refused_naming_sequential_mlp():
     with pytest.raises(UnsupportedLayerError, match="moe_grouped_gemm=False"):
         check_experts_module("decoder.layers.0.mlp.experts", TEGroupedMLP())
     check_experts_module("decoder.layers.0.mlp.shared_experts", TEGroupedMLP())
+
+
+def test_chunks_with_different_tied_factors_are_refused():
+    """MoE layers on some pipeline chunks only: their tied factors could not be summed."""
+    from tiedlora_megatron import ConfigError
+    from tiedlora_megatron.factors import TiedFactorBank
+    from tiedlora_megatron.pipeline import _check_same_factors
+
+    def bank(*keys: str) -> TiedFactorBank:
+        out = TiedFactorBank()
+        for key in keys:
+            pair = torch.nn.Module()
+            pair.A = torch.nn.Parameter(torch.zeros(2, 3))
+            out[key] = pair
+        return out
+
+    _check_same_factors([bank("linear_qkv"), bank("linear_qkv")], None)
+    with pytest.raises(ConfigError, match="MoE layers on every stage"):
+        _check_same_factors([bank("linear_qkv", "experts_linear_fc1"), bank("linear_qkv")], None)

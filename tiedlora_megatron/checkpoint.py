@@ -99,9 +99,10 @@ def _layout() -> dict[str, int | None]:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        return {"tp": 1, "pp": 1, "vpp": None, "dp": 1}
+        return {"tp": 1, "pp": 1, "vpp": None, "dp": 1, "ep": 1}
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
@@ -166,7 +167,7 @@ def save_adapter_checkpoint(
         )
     dist_checkpointing.save(sharded, str(partial))
     _barrier()
-    trainable = adapters.num_trainable_parameters()  # collective over the pipeline group
+    trainable = adapters.num_trainable_parameters()  # collective over the PP and EP groups
     error = None
     if _rank() == 0:
         meta = {

@@ -75,7 +75,7 @@ def expert_index(chunk: nn.Module, name: str) -> int | None:
 
 def check_experts_module(name: str, module: nn.Module) -> None:
     """Refuse routed experts that the adapter cannot reach one expert at a time."""
-    if type(module).__name__ != "SequentialMLP" and name.rsplit(".", 1)[-1] == ROUTED:
+    if name.rsplit(".", 1)[-1] == ROUTED and not hasattr(module, "local_experts"):
         raise UnsupportedLayerError(
             f"{name}: {type(module).__name__} runs all of its experts in one grouped GEMM, with "
             "no per-expert layer to adapt; build the MoE layers with moe_grouped_gemm=False "

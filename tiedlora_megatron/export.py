@@ -193,7 +193,6 @@ def export_peft(
     family = hf_family(arch)
     tensors: dict[str, torch.Tensor] = {}
     expert_tensors: dict[str, torch.Tensor] = {}  # a routed expert's: on its EP rank only
-    adapted: set[str] = set()
     dtype = next(iter(adapters.parameters(trainable_only=False))).dtype
     for chunk_adapters in adapters.adapters:
         for adapter in chunk_adapters.values():
@@ -205,7 +204,6 @@ def export_peft(
                 key = f"base_model.model.{prefix}{module}"
                 out[f"{key}.lora_A.weight"] = lora_a.to(dtype, copy=True)
                 out[f"{key}.lora_B.weight"] = pieces[piece].to(dtype)
-                adapted.add(module)
     tensors = {**to_rank0(tensors), **to_rank0(expert_tensors, experts=True)}
     adapted = {_LORA_KEY.match(key).group(1) for key in tensors}  # every rank's, on rank 0
     rank = adapters.config.rank

@@ -252,11 +252,10 @@ def check_adapter_base(meta: dict[str, Any], base: ExportBase, adapter: str | os
     from tiedlora_megatron.params import ModelDims
 
     fields = [f.name for f in dataclasses.fields(ModelDims)]
-    base_dims = {f: getattr(base.arch, f, None) for f in fields}  # no MoE fields: dense
     diff = [
-        f"{f}: adapter {saved.get(f)!r}, base {base_dims[f]!r}"
+        f"{f}: adapter {saved.get(f)!r}, base {getattr(base.arch, f)!r}"
         for f in fields
-        if f in saved and saved[f] != base_dims[f]
+        if f in saved and saved[f] != getattr(base.arch, f)
     ]
     if diff:
         raise ExportError(

@@ -182,7 +182,8 @@ def full_state_dict(adapters: TiedLoRAAdapters) -> dict[str, torch.Tensor]:
     """Every adapter factor (trained or frozen) as a full CPU tensor in its parameter's dtype,
     under the keys described in this module's doc, in global layer order.
 
-    Collective: every rank of the model-parallel (TP x PP) group calls it; each gets the same
+    Collective: every rank of the model-parallel (TP x PP) group, and of the expert-parallel
+    group under EP, calls it (every rank, in practice); each gets the same
     dict. Tied factors are read from the primary replica (first stage, first chunk)."""
     mine = {}
     for key, e in _local_entries(adapters).items():
@@ -244,7 +245,8 @@ def load_full_state_dict(
     copies its own shard (cast to the parameter's dtype and device) into every replica it
     holds, so tied replicas stay identical on all stages and chunks.
 
-    Collective over the model-parallel (TP x PP) group; every rank passes the whole `state`.
+    Collective over the model-parallel (TP x PP) and expert-parallel groups (every rank, in
+    practice); every rank passes the whole `state`.
     Unknown keys, wrong shapes, and with `strict` missing keys, raise FullStateError on every
     rank naming each key (and the expected and given shapes) before anything is changed.
     Returns the keys that were not in `state` (only possible with `strict=False`).

@@ -100,7 +100,8 @@ class TiedLoRAAdapters:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every factor as a full CPU tensor keyed by global layer, the same at every layout
-        (`full_state.full_state_dict`). Collective over the model-parallel ranks."""
+        (`full_state.full_state_dict`). Collective over the model-parallel and expert-parallel
+        ranks."""
         from tiedlora_megatron.full_state import full_state_dict
 
         return full_state_dict(self)
@@ -203,7 +204,14 @@ def _find_targets(chunks: list[nn.Module], config: TiedLoRAConfig) -> list[_Targ
                     )
                 expert = experts.expert_index(chunk, name)
                 targets.append(_Target(ci, name, kind, module, parent, expert))
-    missing = [t for t in config.target_modules if t not in {x.kind for x in targets}]
+    found = {x.kind for x in targets}
+    _, pp_group = pipeline_rank_and_group()
+    if pp_group is not None:  # a stage may lack a kind (MoE layers on some stages only)
+        stages: list = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(stages, (found, linear_names), group=pp_group)
+        found = set().union(*(f for f, _ in stages))
+        linear_names = set().union(*(n for _, n in stages))
+    missing = [t for t in config.target_modules if t not in found]
     if missing:
         raise ConfigError(
             f"target module(s) {', '.join(map(repr, missing))} matched no module in the model; "

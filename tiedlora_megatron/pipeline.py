@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from tiedlora_megatron.config import ConfigError
 from tiedlora_megatron.factors import BANK_ATTR, TiedFactorBank
 
 #: Attribute of a `TiedFactorBank` holding its rank's `TiedReplicas` (set by `track_replicas`).
@@ -145,8 +146,11 @@ class TiedReplicas:
         replicas: dict[str, list[torch.Tensor]] = {}
         for bank in self.banks:
             for name, p in bank.named_parameters():
-                if p.requires_grad and _grad(p) is not None:
-                    replicas.setdefault(name, []).append(_grad(p))
+                if not p.requires_grad:
+                    continue
+                if _grad(p) is None:  # unused here this step (an expert that got no tokens)
+                    p.grad = torch.zeros_like(p)
+                replicas.setdefault(name, []).append(_grad(p))
         if not replicas:
             return
         names = sorted(replicas)
@@ -186,6 +190,7 @@ def track_replicas(chunks: Sequence[nn.Module]) -> TiedReplicas | None:
     """
     banks = tied_banks(chunks)
     _, group = pipeline_rank_and_group()
+    _check_same_factors(banks, group)
     if not banks or (len(banks) == 1 and group is None):
         return None
     replicas = TiedReplicas(banks, group)
@@ -196,6 +201,25 @@ def track_replicas(chunks: Sequence[nn.Module]) -> TiedReplicas | None:
             unwrap(chunk).register_forward_pre_hook(replicas.check_in_sync)
     _sum_on_ddp_grad_sync()
     return replicas
+
+
+def _check_same_factors(banks: list[TiedFactorBank], group: dist.ProcessGroup | None) -> None:
+    """Refuse, on every stage, stages or chunks whose tied factors differ (a model with MoE
+    layers on some stages only): their replica sums would not line up."""
+    mine = sorted({(n, tuple(p.shape)) for b in banks for n, p in b.named_parameters()})
+    stages = [mine]
+    if group is not None:
+        stages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(stages, mine, group=group)
+    if any(s != stages[0] for s in stages) or any(
+        sorted((n, tuple(p.shape)) for n, p in b.named_parameters()) != mine for b in banks
+    ):
+        names = sorted({n.split(".")[0] for s in stages for n, _ in s})
+        raise ConfigError(
+            "the pipeline stages (or virtual chunks) hold different tied factors "
+            f"({', '.join(names)}): every stage must have layers of every target kind (e.g. MoE "
+            "layers on every stage for experts.* targets); use tied=False or other targets"
+        )
 
 
 def _replicas(model: nn.Module | Sequence[nn.Module]) -> TiedReplicas | None:

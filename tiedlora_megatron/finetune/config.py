@@ -72,8 +72,8 @@ class ParallelSection:
     sp: bool = False
     """Sequence parallelism (needs tp > 1; required for an MoE model at tp > 1)."""
     ep: int = 1
-    """Expert-parallel size (MoE models): the experts of each layer are split over ep ranks,
-    carved out of the data-parallel ranks (expert tensor parallelism is 1)."""
+    """Expert-parallel size (MoE models): the experts of each layer are split over ep of the
+    tp x data-parallel ranks of a pipeline stage (expert tensor parallelism is 1)."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron's DistributedOptimizer, Adam)."""
     overlap_grad_reduce: bool = False

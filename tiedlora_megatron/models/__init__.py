@@ -1,5 +1,5 @@
-"""Pretrained base models for megatron-core: HF (Llama family, GPT-2; the Mixtral and Qwen2-MoE
-mixtures of experts, `moe.py`), GGUF and megatron checkpoints (this library's, Megatron-LM's and
+"""Pretrained base models for megatron-core: HF (Llama family incl. Qwen3, GPT-2; the Mixtral,
+Qwen2-MoE and Qwen3-MoE mixtures of experts, `moe.py`), GGUF and megatron checkpoints (this library's, Megatron-LM's and
 NeMo 2's).
 
 Every loader reads the TP / PP / virtual-PP layout from megatron's `parallel_state` (initialise it

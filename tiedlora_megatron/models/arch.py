@@ -88,7 +88,11 @@ class GPTArch:
             problems.append(
                 f"num_query_groups={self.num_query_groups} (must divide or be a multiple of TP)"
             )
-        if self.ffn_hidden_size % tp:
+        if self.num_moe_experts:  # routed experts are whole per rank (expert TP 1)
+            shared = self.moe_shared_expert_intermediate_size
+            if shared and shared % tp:
+                problems.append(f"moe_shared_expert_intermediate_size={shared}")
+        elif self.ffn_hidden_size % tp:
             problems.append(f"ffn_hidden_size={self.ffn_hidden_size}")
         return problems
 
