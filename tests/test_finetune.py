@@ -1,9 +1,9 @@
 """The fine-tuning job, run as users run it: `torchrun -m tiedlora_megatron.finetune train`.
 
 A tiny random Llama in HF format with SmolLM2's tokenizer and a JSONL task (tests/tiny_job.py)
-trains at TP=2 on 2 ranks and at PP=2 x DP=2 on 4 ranks. Each layout runs once uninterrupted and
-once stopped half-way (`train.exit_interval`) and resumed by rerunning the same command; the
-resumed run's per-step losses and final adapter weights must equal the uninterrupted run's.
+trains at TP=2 (SP) and at PP=2 on 2 ranks, a tiny random Mixtral at EP=2. Each layout runs once
+uninterrupted and once stopped half-way (`train.exit_interval`) and resumed by rerunning the same
+command; the resumed run's per-step losses and final adapter weights must equal the uninterrupted run's.
 Config mistakes must fail before any process group exists.
 """
 
@@ -76,11 +76,11 @@ def _adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     ("job", "nproc", "layout"),
     [
         ("dense", 2, ["parallel.tp=2", "parallel.sp=true"]),
-        ("dense", 4, ["parallel.pp=2"]),
+        ("dense", 2, ["parallel.pp=2"]),  # PP x DP: tests/test_parallel_training.py
         # TP x SP x EP exactness: tests/test_moe_adapters.py; here the job's EP plumbing
         ("moe", 2, ["parallel.ep=2"]),
     ],
-    ids=["tp2_sp", "pp2_dp2", "moe_ep2"],
+    ids=["tp2_sp", "pp2", "moe_ep2"],
 )
 def test_resume_matches_uninterrupted(
     request: pytest.FixtureRequest, tmp_path: Path, job: str, nproc: int, layout: list[str]
@@ -123,7 +123,7 @@ def test_resume_matches_uninterrupted(
     _run(1, [*one, "--adapter", str(whole / final)], command="eval", config=config)
     result = json.loads((evaluated / "eval_step_0000004.json").read_text())
     assert result["val_loss"] == pytest.approx(summary["tuned"]["val_loss"], rel=1e-5)
-    if job == "moe":  # the base model's own evaluation is the dense runs' concern
+    if layout != ["parallel.tp=2", "parallel.sp=true"]:  # the base model's evaluation: once
         return
     _run(1, one, command="eval", config=config)
     base = json.loads((evaluated / "eval_base.json").read_text())
@@ -167,7 +167,9 @@ def test_config_errors_before_process_groups(
 @pytest.mark.parametrize(
     ("overrides", "world", "message"),
     [
-        (["parallel.ep=3"], 2, "parallel.ep=3 must divide the tp x data-parallel ranks"),
+        (["parallel.ep=3"], 2, "parallel.ep x parallel.etp = 3 x 1 must divide the tp x data"),
+        (["parallel.etp=2"], 2, "parallel.etp=2: expert tensor parallelism must be 1 or parallel"),
+        (["parallel.tp=2", "parallel.sp=true", "parallel.etp=2"], 2, "= 2 x 2 must divide"),
         (["parallel.tp=2"], 2, "parallel.sp=true"),
         (["adapter.target_modules=[linear_fc1]"], 2, "its MLP target is experts.linear_fc1"),
         (["adapter.preset=lora", "adapter.tie_experts=true"], 2, "tie_experts=True needs tied"),

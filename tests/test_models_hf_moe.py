@@ -96,17 +96,17 @@ def pool():
         yield p
 
 
-def _init(tp: int, ep: int) -> None:
+def _init(tp: int, ep: int, etp: int = 1) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     ps.initialize_model_parallel(
-        tp, 1, expert_model_parallel_size=ep, expert_tensor_parallel_size=1
+        tp, 1, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp
     )
     model_parallel_cuda_manual_seed(1234)
 
 
-def _parity(root: str, tp: int, ep: int) -> dict[str, float | None]:
+def _parity(root: str, tp: int, ep: int, etp: int) -> dict[str, float | None]:
     """Max |logit - transformers| per model on this rank."""
     from megatron.core import parallel_state as ps
 
@@ -114,7 +114,7 @@ def _parity(root: str, tp: int, ep: int) -> dict[str, float | None]:
 
     refs = torch.load(Path(root) / "refs.pt")
     out = {}
-    _init(tp, ep)
+    _init(tp, ep, etp)
     try:
         for name, ref in refs.items():
             chunks, info = load_hf_model(
@@ -131,12 +131,12 @@ def _parity(root: str, tp: int, ep: int) -> dict[str, float | None]:
     return out
 
 
-@pytest.mark.parametrize(("tp", "ep"), [(1, 1), (1, 2), (2, 2), (2, 1)])
-def test_logits_match_transformers(pool, hf_dir, tp, ep):
-    results = pool.run(_parity, hf_dir, tp, ep)
+@pytest.mark.parametrize(("tp", "ep", "etp"), [(1, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2)])
+def test_logits_match_transformers(pool, hf_dir, tp, ep, etp):
+    results = pool.run(_parity, hf_dir, tp, ep, etp)
     for name in results[0]:
         worst = max(r[name] for r in results)
-        assert worst < TOL, f"{name} at TP {tp} x EP {ep}: logits differ by {worst}"
+        assert worst < TOL, f"{name} at TP {tp} x EP {ep} x ETP {etp}: logits differ by {worst}"
 
 
 def _no_sp_error(root: str) -> str:
@@ -185,7 +185,7 @@ MOE_TARGETS = {
 
 
 def _adapted_and_exported(
-    root: str, out: str, name: str, preset: str, tp: int, ep: int, merged: bool = False
+    root: str, out: str, name: str, preset: str, tp: int, ep: int, etp: int, merged=False
 ):
     """Logits of the loaded model with random adapters (on ranks that have them) and the
     adapters exported to `out` as PEFT LoRA (`merged`: as the HF model with ΔW folded in)."""
@@ -195,7 +195,7 @@ def _adapted_and_exported(
     from tiedlora_megatron.export import export_merged_hf, export_peft
     from tiedlora_megatron.models import forward_logits, load_hf_model
 
-    _init(tp, ep)
+    _init(tp, ep, etp)
     try:
         chunks, info = load_hf_model(
             Path(root) / name, config_overrides={"sequence_parallel": tp > 1}
@@ -219,15 +219,15 @@ def _adapted_and_exported(
 
 
 @pytest.mark.parametrize(
-    ("name", "preset", "tp", "ep"),
-    [("mixtral", "vBuA", 2, 2), ("qwen2_moe", "lora", 2, 2), ("qwen3_moe", "vBuA", 1, 2)],
+    ("name", "preset", "tp", "ep", "etp"),
+    [("mixtral", "vBuA", 2, 2, 2), ("qwen2_moe", "lora", 2, 2, 1), ("qwen3_moe", "vBuA", 1, 2, 1)],
 )
 def test_peft_export_loads_in_peft_with_the_same_logits(
-    pool, hf_dir, tmp_path, name, preset, tp, ep
+    pool, hf_dir, tmp_path, name, preset, tp, ep, etp
 ):
     peft = pytest.importorskip("peft")
     out = tmp_path / "peft"
-    logits = pool.run(_adapted_and_exported, hf_dir, str(out), name, preset, tp, ep)[0]
+    logits = pool.run(_adapted_and_exported, hf_dir, str(out), name, preset, tp, ep, etp)[0]
     base = transformers.AutoModelForCausalLM.from_pretrained(Path(hf_dir) / name)
     from safetensors.torch import load_file
 
@@ -245,12 +245,14 @@ def test_peft_export_loads_in_peft_with_the_same_logits(
             torch.testing.assert_close(got, mine, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "tp", "ep"), [("qwen2_moe", 2, 2), ("qwen3_moe", 2, 2)])
+@pytest.mark.parametrize(
+    ("name", "tp", "ep", "etp"), [("qwen2_moe", 2, 2, 1), ("qwen3_moe", 2, 2, 2)]
+)
 def test_merged_export_loads_in_transformers_with_the_same_logits(
-    pool, hf_dir, tmp_path, name, tp, ep
+    pool, hf_dir, tmp_path, name, tp, ep, etp
 ):
     out = tmp_path / "merged"
-    logits = pool.run(_adapted_and_exported, hf_dir, str(out), name, "vBuA", tp, ep, True)[0]
+    logits = pool.run(_adapted_and_exported, hf_dir, str(out), name, "vBuA", tp, ep, etp, True)[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     refs = torch.load(Path(hf_dir) / "refs.pt")[name]
     width = logits.shape[1]

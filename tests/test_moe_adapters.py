@@ -4,10 +4,11 @@ The reference is independent of the adapters' code: the same base model with eve
 weight replaced by W + s·diag(v)·B·diag(u)·A, built with torch ops from leaf tensors holding the
 adapter's full factors (`full_state_dict` keys). Its losses must equal the adapted model's, and
 autograd's gradients of those leaves must equal every factor's gradient: in one process at
-EP = 1 / TP = 1, and at EP 2 x TP 1/2 (sequence parallel, ETP 1) under megatron's DDP and
-finalize_model_grads, with both token dispatchers. Three optimizer steps with the distributed
-optimizer are checked against torch's Adam on the leaves, and a checkpoint saved at EP 2 loads
-at EP 1 with the same factors and losses.
+EP = 1 / TP = 1, and at EP 1/2 x TP 1/2 (sequence parallel) with expert TP 1 or TP, under
+megatron's DDP and finalize_model_grads, with both token dispatchers and gated (SwiGLU) experts.
+Three optimizer steps with the distributed optimizer are checked against torch's Adam on the
+leaves, and a checkpoint saved at EP 2 (ETP 1 or 2) loads at EP 1 with the same factors and
+losses.
 """
 
 from __future__ import annotations
@@ -112,16 +113,15 @@ def _call_kwargs(batch):
     )  # fmt: skip
 
 
-def _reference(name: str, dispatcher: str, batches: list, state: dict | None = None):
+def _reference(name: str, dispatcher: str, batches: list, gated: bool = False):
     """(state, per-batch adapted losses, leaf grads of the mean loss, merged losses) at EP 1 /
     TP 1 on this rank alone; checks the adapted model against the merged one on the way."""
     from tiedlora_megatron import apply_tied_lora
 
-    model = moe_gpt(moe_config(dispatcher=dispatcher, shared_expert=True))
+    model = moe_gpt(moe_config(dispatcher=dispatcher, shared_expert=True, gated=gated))
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapters = apply_tied_lora(model, _adapter_config(name))
-    if state is None:
-        state = _random_state(adapters)
+    state = _random_state(adapters)
     adapters.load_full_state_dict(state)
     losses = [token_losses(model, b) for b in batches]
     torch.stack([t.mean() for t in losses]).mean().backward()
@@ -152,21 +152,23 @@ def _param_keys(adapters) -> dict[str, str]:
 # -- layouts under test --------------------------------------------------------------------------
 
 
-def _layout_model(tp: int, ep: int, weights: dict, dispatcher: str = "alltoall"):
-    """(config, model) at TP x EP (expert TP 1, SP with TP) holding the EP 1 model's weights."""
+def _layout_model(
+    tp: int, ep: int, weights: dict, dispatcher: str = "alltoall", etp: int = 1, gated=False
+):
+    """(config, model) at TP x EP x expert TP (SP with TP) holding the EP 1 model's weights."""
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=etp,
     )  # fmt: skip
-    config = moe_config(tp, ep, tp > 1, dispatcher, etp=1, shared_expert=True)
+    config = moe_config(tp, ep, tp > 1, dispatcher, etp=etp, shared_expert=True, gated=gated)
     gpt = moe_gpt(config)
     copy_ep1_weights(gpt, weights)
     return config, gpt
 
 
-def _layout_matches(name: str, tp: int, ep: int, dispatcher: str) -> int:
+def _layout_matches(name: str, tp: int, ep: int, dispatcher: str, etp: int, gated: bool) -> int:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -182,11 +184,11 @@ def _layout_matches(name: str, tp: int, ep: int, dispatcher: str) -> int:
     batches = [moe_batch(i) for i in range(dp)]
     ps.initialize_model_parallel()
     try:
-        state, weights, ref_losses, ref_grads = _reference(name, dispatcher, batches)
+        state, weights, ref_losses, ref_grads = _reference(name, dispatcher, batches, gated)
     finally:
         ps.destroy_model_parallel()
 
-    config, gpt = _layout_model(tp, ep, weights, dispatcher)
+    config, gpt = _layout_model(tp, ep, weights, dispatcher, etp, gated)
     try:
         adapters = apply_tied_lora(gpt, _adapter_config(name))
         adapters.load_full_state_dict(state)
@@ -214,21 +216,28 @@ def _layout_matches(name: str, tp: int, ep: int, dispatcher: str) -> int:
         ps.destroy_model_parallel()
 
 
+#: (adapter, tp, ep, dispatcher, expert tp, gated experts)
 LAYOUTS = [
-    *[(name, tp, 2, "alltoall") for tp in (1, 2) for name in ADAPTERS],
-    ("vBuA", 2, 2, "allgather"),
+    *[(name, tp, 2, "alltoall", 1, False) for tp in (1, 2) for name in ADAPTERS],
+    ("vBuA", 2, 2, "allgather", 1, False),
     # EP 1 at TP 2: an expert's replicas on the two TP ranks see different tokens
-    *[(name, 2, 1, "alltoall") for name in ("lora", "vBuA")],
+    *[(name, 2, 1, "alltoall", 1, False) for name in ("lora", "vBuA")],
+    # expert TP = TP: experts sharded, the dispatcher communicates, partial factor gradients
+    *[(name, 2, 2, "alltoall", 2, False) for name in ADAPTERS],
+    ("vBuA", 2, 2, "allgather", 2, True),
+    ("vBuA-per-expert", 2, 1, "alltoall", 2, True),
 ]
 
 
 @pytest.mark.parametrize(
-    ("name", "tp", "ep", "dispatcher"),
+    ("name", "tp", "ep", "dispatcher", "etp", "gated"),
     LAYOUTS,
-    ids=[f"{n}-tp{tp}-ep{ep}-{d}" for n, tp, ep, d in LAYOUTS],
+    ids=[
+        f"{n}-tp{tp}-ep{ep}-etp{etp}-{d}{'-gated' if g else ''}" for n, tp, ep, d, etp, g in LAYOUTS
+    ],
 )
-def test_layout_matches_dense_reference(pool: ProcessGroupPool, name, tp, ep, dispatcher):
-    checked = pool.run(_layout_matches, name, tp, ep, dispatcher)
+def test_layout_matches_dense_reference(pool, name, tp, ep, dispatcher, etp, gated):
+    checked = pool.run(_layout_matches, name, tp, ep, dispatcher, etp, gated)
     assert all(c > 0 for c in checked)
 
 
@@ -268,10 +277,10 @@ def _keyed_params(adapters) -> dict[str, torch.nn.Parameter]:
     return {keys[n]: p for n, p in adapters.named_parameters()}
 
 
-def _steps_then_ep1(name: str, ckpt: str, distopt: bool) -> int:
-    """STEPS at TP 2 x EP 2 (megatron's optimizer, distributed or not, clipping the gradient
-    norm) equal the reference; the checkpoint saved there loads at EP 1 / TP 1 (data parallel
-    4) with the same factors and losses."""
+def _steps_then_ep1(name: str, ckpt: str, distopt: bool, etp: int) -> int:
+    """STEPS at TP 2 x EP 2 x expert TP `etp` (megatron's optimizer, distributed or not,
+    clipping the gradient norm) equal the reference; the checkpoint saved there loads at EP 1 /
+    TP 1 (data parallel 4) with the same factors and losses."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
@@ -287,7 +296,7 @@ def _steps_then_ep1(name: str, ckpt: str, distopt: bool) -> int:
     finally:
         ps.destroy_model_parallel()
 
-    config, gpt = _layout_model(tp, ep, weights)
+    config, gpt = _layout_model(tp, ep, weights, etp=etp)
     try:
         adapters = apply_tied_lora(gpt, _adapter_config(name))
         adapters.load_full_state_dict(state)
@@ -333,13 +342,19 @@ def _steps_then_ep1(name: str, ckpt: str, distopt: bool) -> int:
         ps.destroy_model_parallel()
 
 
+STEP_CASES = [
+    ("lora", True, 2), ("vBuA", True, 1), ("vBuA", True, 2), ("vBuA-per-expert", True, 2),
+    ("vBuA", False, 2),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("name", "distopt"),
-    [("lora", True), ("vBuA", True), ("vBuA-per-expert", True), ("vBuA", False)],
-    ids=["lora-distopt", "vBuA-distopt", "vBuA-per-expert-distopt", "vBuA-plain"],
+    ("name", "distopt", "etp"),
+    STEP_CASES,
+    ids=[f"{n}-{'distopt' if d else 'plain'}-etp{e}" for n, d, e in STEP_CASES],
 )
-def test_optimizer_steps_and_checkpoint_at_ep1(pool, tmp_path, name, distopt):
-    counts = pool.run(_steps_then_ep1, name, str(tmp_path / "ckpt"), distopt)
+def test_optimizer_steps_and_checkpoint_at_ep1(pool, tmp_path, name, distopt, etp):
+    counts = pool.run(_steps_then_ep1, name, str(tmp_path / "ckpt"), distopt, etp)
     assert len(set(counts)) == 1 and counts[0] > 0
 
 
@@ -354,9 +369,9 @@ def _refusals() -> list[str]:
     from tiedlora_megatron.layouts import UnsupportedLayerError
 
     messages = []
-    ps.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2)
-    try:  # expert TP defaults to TP: 2
-        gpt = moe_gpt(moe_config(2, 2, True, shared_expert=True))
+    ps.initialize_model_parallel(expert_model_parallel_size=2, expert_tensor_parallel_size=2)
+    try:  # expert TP 2 beside dense TP 1
+        gpt = moe_gpt(moe_config(1, 2, etp=2, shared_expert=True))
         with pytest.raises(UnsupportedLayerError) as e:
             apply_tied_lora(gpt, _adapter_config("vBuA"))
         messages.append(str(e.value))
@@ -378,7 +393,7 @@ def test_unsupported_moe_setups_are_refused_by_name(pool):
     from tiedlora_megatron import ConfigError, TiedLoRAConfig
 
     etp, dense, shared = pool.run(_refusals)[0]
-    assert "expert_tensor_parallel_size=2" in etp and "expert_tensor_parallel_size=1" in etp
+    assert "expert_tensor_parallel_size=1 or equal to tensor_model_parallel_size (1), not 2" in etp
     assert "'linear_fc1' matched no module" in dense and "experts.linear_fc1" in dense
     assert "'shared_experts.linear_fc2' matched no module" in shared
     with pytest.raises(ConfigError, match="tie_experts=True needs tied=True"):

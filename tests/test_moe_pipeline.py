@@ -1,4 +1,4 @@
-"""Tied-LoRA on MoE layers under pipeline parallelism (with EP and TP x SP): optimizer steps
+"""Tied-LoRA on MoE layers under pipeline parallelism (with EP, or TP x SP x expert TP): optimizer steps
 through megatron's own schedule, DDP, megatron's finalize_model_grads and distributed optimizer
 equal the single-process run (TP = PP = EP = 1, which tests/test_moe_adapters.py checks against
 a dense merged-weight reference): losses and every factor after the steps.
@@ -21,7 +21,6 @@ TARGETS = ["linear_qkv", "experts.linear_fc1", "experts.linear_fc2"]
 MOE = dict(
     num_layers=4, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
     moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="none",
-    expert_tensor_parallel_size=1,
 )  # fmt: skip
 
 
@@ -32,7 +31,7 @@ def pool():
         yield p
 
 
-def _train(ckpt: str, name: str, tp: int, pp: int, ep: int, reference: bool) -> dict:
+def _train(ckpt: str, name: str, tp: int, pp: int, ep: int, etp: int, reference: bool) -> dict:
     from megatron.core import parallel_state as ps
 
     from tests.tiny_gpt import (
@@ -49,11 +48,11 @@ def _train(ckpt: str, name: str, tp: int, pp: int, ep: int, reference: bool) -> 
 
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
     )  # fmt: skip
     try:
         config = gpt_config(
-            tp=tp, pp=pp, sp=tp > 1, expert_model_parallel_size=ep,
+            tp=tp, pp=pp, sp=tp > 1, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
             pipeline_dtype=torch.float32, **MOE,
         )  # fmt: skip
         chunks = build_chunks(config, seed=11)
@@ -91,16 +90,19 @@ def _train(ckpt: str, name: str, tp: int, pp: int, ep: int, reference: bool) -> 
         ps.destroy_model_parallel()
 
 
-LAYOUTS = [("vBuA-per-expert", 1, 2, 2), ("vBuA", 2, 2, 2)]
+#: (adapter, tp, pp, ep, expert tp); TP 2 x EP 2 without PP: tests/test_moe_adapters.py
+LAYOUTS = [("vBuA-per-expert", 1, 2, 2, 1), ("vBuA", 2, 2, 1, 2)]
 
 
 @pytest.mark.parametrize(
-    ("name", "tp", "pp", "ep"), LAYOUTS, ids=[f"{n}-tp{t}-pp{p}-ep{e}" for n, t, p, e in LAYOUTS]
+    ("name", "tp", "pp", "ep", "etp"),
+    LAYOUTS,
+    ids=[f"{n}-tp{t}-pp{p}-ep{e}-etp{x}" for n, t, p, e, x in LAYOUTS],
 )
-def test_pipeline_with_experts_matches_single_process(pool, tmp_path, name, tp, pp, ep):
+def test_pipeline_with_experts_matches_single_process(pool, tmp_path, name, tp, pp, ep, etp):
     ckpt = str(tmp_path / "base")
-    want = pool.run(_train, ckpt, name, 1, 1, 1, True)[0]
-    results = pool.run(_train, ckpt, name, tp, pp, ep, False)
+    want = pool.run(_train, ckpt, name, 1, 1, 1, 1, True)[0]
+    results = pool.run(_train, ckpt, name, tp, pp, ep, etp, False)
     for got in results:
         assert got["state"].keys() == want["state"].keys()
         for key, value in want["state"].items():

@@ -75,9 +75,11 @@ def global_name(name: str, ep_rank: int, local_experts: int) -> str:
     return f"{name[: m.start(1)]}{ep_rank * local_experts + int(m.group(1))}{name[m.end(1) :]}"
 
 
-def shard_of(name: str, param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+def shard_of(
+    name: str, param: torch.nn.Parameter, full: torch.Tensor, gated: bool = False
+) -> torch.Tensor:
     """This rank's shard of parameter `name`'s full tensor: an expert's over the expert-TP
-    group, anything else over the TP group."""
+    group, anything else over the TP group; a gated fc1's is [gate shard; up shard]."""
     from megatron.core import parallel_state as ps
 
     if not getattr(param, "tensor_model_parallel", False):
@@ -87,6 +89,8 @@ def shard_of(name: str, param: torch.nn.Parameter, full: torch.Tensor) -> torch.
         rank = ps.get_expert_tensor_parallel_rank()
     else:
         size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if gated and name.endswith("linear_fc1.weight"):
+        return torch.cat([half.chunk(size)[rank] for half in full.chunk(2)])
     return full.chunk(size, dim=param.partition_dim)[rank]
 
 
@@ -99,5 +103,5 @@ def copy_ep1_weights(gpt, weights: dict[str, torch.Tensor]) -> dict[str, str]:
     names = {n: global_name(n, ep_rank, EXPERTS // ep) for n, _ in gpt.named_parameters()}
     with torch.no_grad():
         for n, p in gpt.named_parameters():
-            p.copy_(shard_of(n, p, weights[names[n]]))
+            p.copy_(shard_of(n, p, weights[names[n]], gpt.config.gated_linear_unit))
     return names

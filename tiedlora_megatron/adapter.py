@@ -17,6 +17,9 @@ Communication (T tokens, r the rank), following design.md:
 - row-parallel base: h = all_reduce(A_local x_local) (T x r), then y = B_eff h with u folded into
   B, all replicated. Under sequence parallel h is reduce-scattered along the sequence instead
   and B, u, v are marked `sequence_parallel`.
+- a base whose caller communicates (routed experts under expert TP > 1, `explicit_comm`):
+  no collective; the adapter's output (row) and input gradient (column) are partial like the
+  base's, and the replicated factors are marked `sequence_parallel` (experts.py).
 
 Transformer Engine bases follow the same paths. For `TELayerNormColumnParallelLinear` the
 adapter's input is the layer's normalised input: while attached, the adapter sets the layer's
@@ -80,7 +83,7 @@ class TiedLoRAAdapter(nn.Module):
         column = layout.parallel == "column"
         self.u = self._vector(config, "u", config.rank, None, ref)
         self.v = self._vector(config, "v", layout.local_out, 0 if column else None, ref)
-        if layout.sequence_parallel:
+        if layout.partial_replicated_grads:
             partial = [self.u] if column else [self.u, self.v]
             for p in partial:
                 if p is not None:
@@ -135,7 +138,7 @@ class TiedLoRAAdapter(nn.Module):
         group = lay.tp_group
         if lay.parallel == "column":
             z = F.linear(x, a_eff)
-            if lay.tp_size > 1:
+            if lay.communicates:
                 if lay.sequence_parallel:
                     z = mappings.gather_from_sequence_parallel_region(
                         z, tensor_parallel_output_grad=True, group=group
@@ -146,10 +149,10 @@ class TiedLoRAAdapter(nn.Module):
             if gather and lay.tp_size > 1:
                 y = mappings.gather_from_tensor_model_parallel_region(y, group=group)
             return y
-        if not lay.input_is_parallel and lay.tp_size > 1:
+        if not lay.input_is_parallel and lay.communicates:
             x = mappings.scatter_to_tensor_model_parallel_region(x, group=group)
         h = F.linear(x, a_eff)
-        if lay.tp_size > 1:
+        if lay.communicates:
             if lay.sequence_parallel:
                 h = mappings.reduce_scatter_to_sequence_parallel_region(h, group=group)
             else:

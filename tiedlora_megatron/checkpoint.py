@@ -99,10 +99,11 @@ def _layout() -> dict[str, int | None]:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        return {"tp": 1, "pp": 1, "vpp": None, "dp": 1, "ep": 1}
+        return {"tp": 1, "pp": 1, "vpp": None, "dp": 1, "ep": 1, "etp": 1}
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),

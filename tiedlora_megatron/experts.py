@@ -7,12 +7,12 @@ Target kinds. A linear layer's kind is its attribute name, qualified by the MoE 
 dense MLP's. The shared expert is an ordinary tensor-parallel MLP, so its adapters are dense
 ones; only routed experts need what follows.
 
-Routed experts (expert parallelism EP, expert tensor parallelism ETP = 1). Local expert i of EP
-rank p is global expert `p * num_local_experts + i`; the adapter takes that global index, so
-seeds, full-state keys and checkpoints do not depend on EP. An expert's linear layers are not
-sharded at ETP = 1, so the adapter's forward needs no communication, and the dispatcher brings
-each expert exactly the tokens routed to it. What differs from a dense layer is which ranks hold
-replicas of a factor and so must sum its gradient:
+Routed experts (expert parallelism EP, expert tensor parallelism ETP). Local expert i of EP rank
+p is global expert `p * num_local_experts + i`; the adapter takes that global index, so seeds,
+full-state keys and checkpoints do not depend on EP. The dispatcher brings each expert exactly
+the tokens routed to it. At ETP = 1 an expert's linear layers are not sharded and the adapter's
+forward needs no communication. What differs from a dense layer is which ranks hold replicas of
+a factor and so must sum its gradient:
 - per-expert factors (u, v; A, B of per-expert LoRA or of a pair per expert index) live with
   their expert. Its replicas are the ranks holding that expert (megatron's expert-data-parallel
   group), each seeing other tokens: they are marked `allreduce = False`, which makes megatron's
@@ -28,8 +28,18 @@ replicas of a factor and so must sum its gradient:
   counts it once), while per-expert factors are marked `tensor_model_parallel` like the expert
   weights, so the norm counts them on every rank holding their expert.
 
-Expert tensor parallelism > 1 makes the experts' layers skip their own communication (the
-dispatcher does it) and leave partial sums, which needs another gradient path: refused for now.
+Expert tensor parallelism ETP = TP (megatron's default) shards an expert's fc1 by output and fc2
+by input over the TP group, and the dispatcher does the layers' communication: it gathers the
+tokens over the group before fc1 (which then leaves its input gradient partial) and
+reduce-scatters fc2's partial output. The adapter follows with no collective of its own
+(`LinearLayout.explicit_comm`): fc1's B, v and fc2's A are sharded like the weights, and the
+replicated factors (fc1's A, u; fc2's B, u, v) hold partial gradients, marked
+`sequence_parallel` so that `finalize_model_grads` sums them over the TP group, which must then
+be the expert TP group (other ETP sizes are refused). A tied-across-experts pair is then laid
+out as a dense layer's pair: DDP sums it over the data-parallel ranks holding the same shard.
+For gradient clipping, sharded factors are `tensor_model_parallel` and replicated ones are
+counted on the first TP rank, as the expert weights and the router are.
+
 Grouped-GEMM experts (`GroupedMLP`, `TEGroupedMLP`) run every expert in one GEMM with no
 per-expert module to attach to: refused, naming `moe_grouped_gemm=False` (SequentialMLP).
 """
@@ -40,7 +50,7 @@ import re
 
 from torch import nn
 
-from tiedlora_megatron.layouts import UnsupportedLayerError
+from tiedlora_megatron.layouts import LinearLayout, UnsupportedLayerError
 
 #: Attribute names of the MoE parts whose linear layers get a qualified kind.
 ROUTED, SHARED = "experts", "shared_experts"
@@ -83,23 +93,28 @@ def check_experts_module(name: str, module: nn.Module) -> None:
         )
 
 
-def mark_per_expert(params: list[nn.Parameter | None]) -> None:
+def mark_per_expert(params: list[nn.Parameter | None], layout: LinearLayout) -> None:
     """Mark per-expert factors as megatron marks its expert weights: reduced by DDP over the
-    expert-data-parallel group, and `tensor_model_parallel` (sharded over expert TP, here 1),
-    so that gradient-norm clipping counts each on every rank holding an expert, as it counts
-    the expert weights."""
+    expert-data-parallel group. At expert TP 1 every one is also `tensor_model_parallel`, so
+    that gradient-norm clipping counts each on every rank holding an expert, as it counts the
+    expert weights; beyond, the TP attributes stay those of the layout (a replicated factor is
+    counted on one expert-TP rank)."""
     for p in params:
         if p is not None:
             p.allreduce = False
-            p.tensor_model_parallel = True
+            if layout.tp_size == 1:
+                p.tensor_model_parallel = True
 
 
-def mark_tied_across_experts(params: list[nn.Parameter], config) -> None:
+def mark_tied_across_experts(params: list[nn.Parameter], layout: LinearLayout, config) -> None:
     """Make `finalize_model_grads` complete a factor shared by all experts over the
-    tensor-parallel group (its data-parallel sum is DDP's). It is whole on every rank, not a
-    TP shard: gradient-norm clipping must count it on one tensor-parallel rank only."""
+    tensor-parallel group (its data-parallel sum is DDP's). At expert TP 1 it is whole on every
+    rank, not a TP shard: gradient-norm clipping must count it on one tensor-parallel rank
+    only. At expert TP = TP the layout has marked it already, as a dense layer's factor."""
     from megatron.core import parallel_state as ps
 
+    if layout.tp_size > 1:
+        return
     for p in params:
         p.tensor_model_parallel = False
 

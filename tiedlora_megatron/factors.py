@@ -102,9 +102,10 @@ class LowRankFactors(nn.Module):
         column = layout.parallel == "column"
         mark_sharded(self.A, None if column else 1)
         mark_sharded(self.B, 0 if column else None)
-        # Under sequence parallel the replicated factor sees only this rank's tokens, so its
-        # gradient is a partial sum that megatron's finalize_model_grads completes over TP.
-        if layout.sequence_parallel:
+        # Under sequence parallel the replicated factor sees only this rank's tokens (under an
+        # expert's explicit communication, a partial product), so its gradient is a partial sum
+        # that megatron's finalize_model_grads completes over TP.
+        if layout.partial_replicated_grads:
             (self.A if column else self.B).sequence_parallel = True
 
     def extra_repr(self) -> str:
@@ -165,13 +166,14 @@ def sharded_factor_entries(
     """ShardedTensors (or megatron's SwiGLU factories) for adapter tensors named "A", "B", "u",
     "v" (optionally under a module prefix such as "factors."), sharded as `layout` shards them.
     The groups set the replica id (default: megatron's dense tensor- and data-parallel ones);
-    give both or neither. A routed expert's factors (`expert`) are never TP-sharded (expert
-    tensor parallelism 1, experts.py): stored whole, whatever the dense TP size."""
+    give both or neither. A routed expert's factors (`expert`) are sharded over expert tensor
+    parallelism (experts.py): stored whole at ETP 1, whatever the dense TP size."""
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     dims = {name: layout.shard_dim(name.rsplit(".", 1)[-1]) for name in tensors}
-    axis = {name: dim for name, dim in dims.items() if dim is not None and not expert}
+    sharded = not expert or layout.tp_size > 1
+    axis = {name: dim for name, dim in dims.items() if dim is not None and sharded}
     entries = make_sharded_tensors_for_checkpoint(
         dict(tensors), prefix, axis, sharded_offsets, tp_group=tp_group, dp_cp_group=dp_group
     )

@@ -80,12 +80,13 @@ class TiedLoRAAdapters:
         expert's factors summed over expert-parallel ranks."""
         # (tied, per layer) x (dense, routed expert's: experts.py, summed over EP ranks)
         counts = {(t, e): 0 for t in (True, False) for e in (True, False)}
+        etp = _expert_tp_size()
         for ci, chunk in enumerate(self.chunks):
             for name, p in chunk.named_parameters():
                 if not (p.requires_grad and is_adapter_param(name)):
                     continue
-                expert = not getattr(p, "allreduce", True)  # never TP-sharded (ETP 1)
-                sharded = getattr(p, "tensor_model_parallel", False) and not expert
+                expert = not getattr(p, "allreduce", True)  # sharded over expert TP, 1 or TP
+                sharded = getattr(p, "tensor_model_parallel", False) and (not expert or etp > 1)
                 n = p.numel() * (_tp_size() if sharded else 1)
                 tied = name.startswith(BANK_ATTR + ".")
                 counts[tied, expert] += 0 if tied and ci else n
@@ -145,6 +146,14 @@ def _expert_parallel_group() -> dist.ProcessGroup | None:
     if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
         return None
     return ps.get_expert_model_parallel_group()
+
+
+def _expert_tp_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1
+    return ps.get_expert_tensor_parallel_world_size()
 
 
 def _tp_size() -> int:
@@ -296,7 +305,9 @@ def apply_tied_lora(
                     device=weight.device,
                 )
                 if t.expert is not None and pair_expert is None:
-                    experts.mark_tied_across_experts(list(bank[key].parameters()), t.module.config)
+                    experts.mark_tied_across_experts(
+                        list(bank[key].parameters()), layout, t.module.config
+                    )
             factors = bank[key]
             if factors.layout != layout:
                 raise ConfigError(
@@ -319,7 +330,7 @@ def apply_tied_lora(
             own = [adapter.u, adapter.v]
             if bank is None or factors.expert is not None:
                 own += [factors.A, factors.B]
-            experts.mark_per_expert(own)
+            experts.mark_per_expert(own, layout)
         attr = t.name.rsplit(".", 1)[-1] + ADAPTER_SUFFIX
         if hasattr(t.parent, attr):
             raise RuntimeError(f"{t.name}: its parent already has an attribute {attr!r}")

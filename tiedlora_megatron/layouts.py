@@ -61,6 +61,26 @@ class LinearLayout:
     """The base normalises its input before its GEMM (TELayerNormColumnParallelLinear): the
     adapter's input is that normalised activation, which the base returns when asked
     (`return_layernorm_output`), on the same tokens as the base's input."""
+    explicit_comm: bool = False
+    """The base's caller does its tensor-parallel communication (a routed expert's layer under
+    expert tensor parallelism > 1, megatron's `explicit_expert_comm`: the token dispatcher
+    gathers the tokens and reduce-scatters the output). A column base gets its input whole on
+    every rank and leaves the input gradient partial; a row base leaves its output partial.
+    The adapter adds no collective and leaves the same partial sums (experts.py)."""
+
+    @property
+    def communicates(self) -> bool:
+        """Whether the adapter's forward runs the rank-r collectives of its layout."""
+        return self.tp_size > 1 and not self.explicit_comm
+
+    @property
+    def partial_replicated_grads(self) -> bool:
+        """The gradients of the factors this layout replicates (a column base's A and u, a row
+        base's B, u and v) are partial sums over the TP group: under sequence parallelism each
+        rank sees its own tokens; under explicit communication each holds a partial product.
+        They are marked `sequence_parallel`, which makes megatron's `finalize_model_grads` sum
+        them over the tensor-parallel group."""
+        return self.sequence_parallel or self.explicit_comm
 
     @property
     def local_in(self) -> int:
@@ -105,10 +125,10 @@ def describe_linear(module: nn.Module, name: str) -> LinearLayout:
     Reads megatron's local layers (ColumnParallelLinear, RowParallelLinear) and its Transformer
     Engine wrappers (TELayerNormColumnParallelLinear, TEColumnParallelLinear, TERowParallelLinear;
     TE >= te.MIN_TE_VERSION). Raises UnsupportedLayerError, naming the module, for layers the
-    adapter cannot follow exactly: expert layers under expert tensor parallelism, TE expert and
-    grouped layers, layers that skip their
-    input-gradient reduction, TE layers that are not column or row parallel, and TE layers already
-    asked to return their norm's output.
+    adapter cannot follow exactly: expert layers whose expert tensor-parallel group is not the
+    dense one, TE expert and grouped layers, other layers that skip their input-gradient
+    reduction, TE layers that are not column or row parallel, and TE layers already asked to
+    return their norm's output.
     """
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -141,7 +161,9 @@ def describe_linear(module: nn.Module, name: str) -> LinearLayout:
         tp_size=tp_size,
         tp_rank=tp_rank,
         tp_group=group,
-        sequence_parallel=bool(module.sequence_parallel) and tp_size > 1,
+        sequence_parallel=bool(module.sequence_parallel)
+        and tp_size > 1
+        and not layout.get("explicit_comm", False),
         gated=gated,
         **layout,
     )
@@ -166,29 +188,45 @@ def _read_local_linear(module: nn.Module, name: str) -> tuple[Parallelism, dict[
     RowParallelLinear."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
+    fields: dict[str, Any] = dict(
+        in_features=module.input_size, out_features=module.output_size, tp_group=module.tp_group
+    )
     if getattr(module, "is_expert", False):
-        # A routed expert's layer (experts.py): at expert TP 1 it is an unsharded linear whose
-        # communication, if any, the token dispatcher does; beyond it the layer leaves partial
-        # sums for the dispatcher to reduce, which the adapter does not follow yet.
-        size, _ = _tp_size_rank(module.tp_group)
-        if size > 1:
-            raise UnsupportedLayerError(
-                f"{name}: expert layers under expert tensor parallelism "
-                f"(expert_tensor_parallel_size={size}) are not supported yet; set "
-                "expert_tensor_parallel_size=1 (dense tensor parallelism and expert parallelism "
-                "are supported)"
-            )
-    if getattr(module, "disable_grad_reduce", False):
+        # A routed expert's layer (experts.py): at expert TP 1 an unsharded linear; beyond it
+        # the token dispatcher does the layer's communication.
+        fields["explicit_comm"] = _check_expert_tp(module, name)
+    elif getattr(module, "disable_grad_reduce", False):
         raise UnsupportedLayerError(
             f"{name}: layers built with disable_grad_reduce=True are not supported (their "
             "input gradient is left partial, which the adapter's exact gradient would break)"
         )
-    fields: dict[str, Any] = dict(
-        in_features=module.input_size, out_features=module.output_size, tp_group=module.tp_group
-    )
     if isinstance(module, ColumnParallelLinear):
         return "column", dict(fields, gather_output=bool(module.gather_output))
     return "row", dict(fields, input_is_parallel=bool(module.input_is_parallel))
+
+
+def _check_expert_tp(module: nn.Module, name: str) -> bool:
+    """Whether a routed expert's layer is tensor-parallel (expert TP > 1); refuses an expert TP
+    group other than the dense one, over which finalize_model_grads sums the partial gradients
+    of the replicated factors (`LinearLayout.partial_replicated_grads`)."""
+    size, _ = _tp_size_rank(module.tp_group)
+    if size == 1:
+        return False
+    from megatron.core import parallel_state as ps
+
+    dense = ps.get_tensor_model_parallel_group()
+    if dist.get_process_group_ranks(module.tp_group) != dist.get_process_group_ranks(dense):
+        raise UnsupportedLayerError(
+            f"{name}: expert layers are supported at expert_tensor_parallel_size=1 or equal to "
+            f"tensor_model_parallel_size ({dense.size()}), not {size}: the adapter sums its "
+            "expert factors' partial gradients over the tensor-parallel group"
+        )
+    if not module.config.sequence_parallel:
+        raise UnsupportedLayerError(
+            f"{name}: expert tensor parallelism needs sequence_parallel=True (megatron-core "
+            "trains MoE layers under tensor parallelism only with it)"
+        )
+    return True
 
 
 def _read_te_linear(

@@ -50,7 +50,7 @@ def init_distributed(cfg: JobConfig) -> Runtime:
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
         expert_model_parallel_size=p.ep,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=p.etp,
     )
     model_parallel_cuda_manual_seed(cfg.train.seed)
     return Runtime(device, cpu, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())

@@ -136,7 +136,7 @@ def validate(
             )
     cfg.adapter_config()  # preset, rank, targets: TiedLoRAConfig's own checks
 
-    for name in ("tp", "pp", "ep"):
+    for name in ("tp", "pp", "ep", "etp"):
         if getattr(par, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1")
     if par.vpp is not None and (par.vpp < 2 or par.pp < 2):
@@ -147,10 +147,15 @@ def validate(
     if world % model_parallel:
         raise ConfigError(f"world size {world} is not divisible by tp x pp = {par.tp} x {par.pp}")
     dp = world // model_parallel
-    if (dp * par.tp) % par.ep:
+    if par.etp not in (1, par.tp):
         raise ConfigError(
-            f"parallel.ep={par.ep} must divide the tp x data-parallel ranks of a pipeline stage "
-            f"({par.tp} x {dp}): experts are spread over ranks of the same stage"
+            f"parallel.etp={par.etp}: expert tensor parallelism must be 1 or parallel.tp ({par.tp})"
+        )
+    if (dp * par.tp) % (par.ep * par.etp):
+        raise ConfigError(
+            f"parallel.ep x parallel.etp = {par.ep} x {par.etp} must divide the tp x "
+            f"data-parallel ranks of a pipeline stage ({par.tp} x {dp}): experts are spread "
+            "over ranks of the same stage"
         )
     if t.micro_batch < 1 or t.global_batch % (t.micro_batch * dp):
         raise ConfigError(
@@ -222,7 +227,7 @@ def validate(
     if check_model:
         arch = model_arch(m)
         try:
-            arch.check_parallel(par.tp, par.pp, par.vpp, par.ep, par.sp)
+            arch.check_parallel(par.tp, par.pp, par.vpp, par.ep, par.sp, par.etp)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         dims = ModelDims(**{f.name: getattr(arch, f.name) for f in dataclasses.fields(ModelDims)})

@@ -73,7 +73,10 @@ class ParallelSection:
     """Sequence parallelism (needs tp > 1; required for an MoE model at tp > 1)."""
     ep: int = 1
     """Expert-parallel size (MoE models): the experts of each layer are split over ep of the
-    tp x data-parallel ranks of a pipeline stage (expert tensor parallelism is 1)."""
+    tp x data-parallel ranks of a pipeline stage."""
+    etp: int = 1
+    """Expert tensor-parallel size (MoE models): 1 (every expert whole on its ranks) or tp
+    (each expert split over the tensor-parallel group, megatron-core's default)."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron's DistributedOptimizer, Adam)."""
     overlap_grad_reduce: bool = False

@@ -154,7 +154,8 @@ def _train(cfg: JobConfig, rt, output_dir: Path) -> dict[str, Any]:
     splits = load_splits_every_rank(cfg, tokenizer, ("train", "validation", cfg.eval.split))
     train_split = splits["train"]
     experts = f", {info.arch.num_moe_experts} experts" if info.arch.num_moe_experts else ""
-    ep = f" EP={cfg.parallel.ep}" if info.arch.num_moe_experts else ""
+    par = cfg.parallel
+    ep = f" EP={par.ep} ETP={par.etp}" if info.arch.num_moe_experts else ""
     log(
         f"model {info.format}:{info.path} ({info.arch.num_layers} layers, hidden "
         f"{info.arch.hidden_size}{experts}) | adapter {cfg.adapter.preset} r={cfg.adapter.rank} "

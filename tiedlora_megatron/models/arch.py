@@ -97,12 +97,18 @@ class GPTArch:
         return problems
 
     def check_parallel(
-        self, tp: int, pp: int, vp: int | None, ep: int = 1, sequence_parallel: bool = False
+        self,
+        tp: int,
+        pp: int,
+        vp: int | None,
+        ep: int = 1,
+        sequence_parallel: bool = False,
+        etp: int = 1,
     ) -> None:
         """Raise a ValueError naming each model dimension that the layout cannot split."""
         from tiedlora_megatron.models.moe import moe_parallel_problems
 
-        moe = moe_parallel_problems(self, tp, ep, sequence_parallel)
+        moe = moe_parallel_problems(self, tp, ep, sequence_parallel, etp)
         if moe:
             raise ValueError(f"{self.family} model at this layout: {'; '.join(moe)}")
         problems = self._tp_problems(tp)
@@ -144,6 +150,7 @@ def transformer_config(
     dtype: torch.dtype,
     overrides: dict[str, Any] | None = None,
     ep: int = 1,
+    etp: int = 1,
 ):
     """The megatron TransformerConfig for `arch`: inference-exact, CPU-safe (fusions off).
 
@@ -179,7 +186,7 @@ def transformer_config(
         fp16=dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=False,
-        **{**unfused_settings(), **moe_config_fields(arch, ep), **(overrides or {})},
+        **{**unfused_settings(), **moe_config_fields(arch, ep, etp), **(overrides or {})},
     )
 
 
@@ -216,15 +223,16 @@ def build_model(
     pp = ps.get_pipeline_model_parallel_world_size()
     vp = ps.get_virtual_pipeline_model_parallel_world_size()
     ep = ps.get_expert_model_parallel_world_size()
+    etp = ps.get_expert_tensor_parallel_world_size()
     sp = bool((config_overrides or {}).get("sequence_parallel", False))
-    arch.check_parallel(tp, pp, vp, ep, sp)
+    arch.check_parallel(tp, pp, vp, ep, sp, etp)
     vocab = padded_vocab_size or arch.padded_vocab_size(tp)
     if vocab % tp:
         raise ValueError(
             f"the checkpoint's padded vocabulary of {vocab} rows cannot be split over "
             f"tensor_model_parallel_size={tp}"
         )
-    config = transformer_config(arch, tp, pp, vp, dtype, config_overrides, ep)
+    config = transformer_config(arch, tp, pp, vp, dtype, config_overrides, ep, etp)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp is not None else None

@@ -5,6 +5,11 @@ The forward runs this rank's model chunks in pipeline order with plain point-to-
 Batches are left-padded: padded keys are masked explicitly, learned positions count only real
 tokens, and RoPE models need no position shift (attention scores depend only on relative
 position). Generation keeps a KV cache in megatron's `StaticInferenceContext`.
+
+Under sequence parallelism every forward's sequence length must be a multiple of the TP size
+(each rank holds its share of the tokens): batches are left-padded to such a width, and
+generation recomputes the whole padded sequence at each new token instead of keeping a cache
+(a one-token decode step cannot be split over the TP ranks).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def pipeline_forward(
     for model in chunks:
         config = model.config
         if not model.pre_process:
-            shape = (input_ids.shape[1], input_ids.shape[0], config.hidden_size)
+            tokens = input_ids.shape[1] // sequence_multiple(chunks)  # this rank's share
+            shape = (tokens, input_ids.shape[0], config.hidden_size)
             hidden = torch.empty(shape, dtype=config.params_dtype)
             dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
@@ -79,16 +85,26 @@ def _broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype) -> torch.Te
     return buf
 
 
+def sequence_multiple(chunks: Sequence) -> int:
+    """What every forward's sequence length must be a multiple of: the TP size under sequence
+    parallelism, else 1."""
+    config = chunks[0].config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
 def _check_length(chunks: Sequence, length: int) -> None:
     limit = chunks[0].max_sequence_length
     if length > limit:
         raise ValueError(f"sequences of {length} tokens exceed the model's {limit} positions")
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, real) of `seqs` left-padded to a common width, a multiple of `multiple`."""
     if not seqs or any(len(s) == 0 for s in seqs):
         raise ValueError("every sequence needs at least one token")
-    width = max(len(s) for s in seqs)
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     real = torch.zeros(len(seqs), width, dtype=torch.bool)
     for i, s in enumerate(seqs):
@@ -102,8 +118,8 @@ def forward_logits(
     chunks: Sequence, seqs: Sequence[Sequence[int]], vocab_size: int, pad_id: int = 0
 ) -> torch.Tensor | None:
     """Logits [b, s, vocab_size] of left-padded `seqs` on the last pipeline stage, else None."""
-    ids, real = _left_pad(seqs, pad_id)
-    _check_length(chunks, ids.shape[1])
+    _check_length(chunks, max(map(len, seqs), default=0))
+    ids, real = _left_pad(seqs, pad_id, sequence_multiple(chunks))
     logits = pipeline_forward(chunks, ids, position_ids(real), attention_mask(real, ids.shape[1]))
     return None if logits is None else logits[..., :vocab_size].float()
 
@@ -114,7 +130,7 @@ def perplexity(chunks: Sequence, seqs: Sequence[Sequence[int]], vocab_size: int)
     logits = forward_logits(chunks, seqs, vocab_size)
     stats = None
     if logits is not None:
-        ids, real = _left_pad(seqs, 0)
+        ids, real = _left_pad(seqs, 0, sequence_multiple(chunks))
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
         keep = real[:, :-1] & real[:, 1:]
@@ -161,11 +177,11 @@ def generate(
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    ids, real = _left_pad(prompts, pad_id)
-    batch, prompt_len = ids.shape
-    total = prompt_len + max_new_tokens
-    _check_length(chunks, total)
-    context = StaticInferenceContext(batch, total)
+    multiple = sequence_multiple(chunks)
+    ids, real = _left_pad(prompts, pad_id, multiple)
+    batch = ids.shape[0]
+    _check_length(chunks, max(map(len, prompts)) + max_new_tokens)
+    context = None if multiple > 1 else StaticInferenceContext(batch, ids.shape[1] + max_new_tokens)
     gen = torch.Generator().manual_seed(seed)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -174,8 +190,9 @@ def generate(
     for _ in range(max_new_tokens):
         mask = attention_mask(real, step_ids.shape[1])
         logits = pipeline_forward(chunks, step_ids, step_pos, mask, inference_context=context)
-        context.sequence_len_offset += step_ids.shape[1]
-        context.enable_decode_mode()
+        if context is not None:
+            context.sequence_len_offset += step_ids.shape[1]
+            context.enable_decode_mode()
         nxt = None
         if logits is not None:
             nxt = _choose(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p, gen)
@@ -186,7 +203,16 @@ def generate(
         done |= torch.isin(nxt, eos)
         if bool(done.all()):
             break
-        step_pos = step_pos[:, -1:] + 1
-        step_ids = nxt.unsqueeze(1)
         real = torch.cat([real, torch.ones(batch, 1, dtype=torch.bool)], dim=1)
+        if context is not None:
+            step_pos = step_pos[:, -1:] + 1
+            step_ids = nxt.unsqueeze(1)
+            continue
+        # no cache: the whole sequence again, left-padded to the next multiple
+        ids = torch.cat([ids, nxt.unsqueeze(1)], dim=1)
+        lead = int((~real).all(0).long().cumprod(0).sum())  # padding in every row
+        pad = -(ids.shape[1] - lead) % multiple
+        ids = F.pad(ids[:, lead:], (pad, 0), value=pad_id)
+        real = F.pad(real[:, lead:], (pad, 0), value=False)
+        step_ids, step_pos = ids, position_ids(real)
     return out

@@ -9,10 +9,11 @@ top k (megatron's default, `moe_router_pre_softmax=False`), as do the Qwen MoEs 
 unnormalised (`moe_router_pre_softmax=True`). No token is dropped (no capacity factor) and no auxiliary loss
 is added (`moe_router_load_balancing_type="none"`), so the logits are the HF model's.
 
-The experts are megatron-core's `SequentialMLP` (local spec, `moe_grouped_gemm=False`) with
-expert tensor parallelism 1: each expert-parallel rank loads its own experts whole
-(`num_local_experts` of them, global index `ep_rank * num_local_experts + i`). The shared expert
-is an ordinary tensor-parallel MLP, with Qwen2-MoE's sigmoid gate (`moe_shared_expert_gate`).
+The experts are megatron-core's `SequentialMLP` (local spec, `moe_grouped_gemm=False`): each
+expert-parallel rank loads its own experts (`num_local_experts` of them, global index
+`ep_rank * num_local_experts + i`), whole at expert tensor parallelism 1, or its expert-TP shard.
+The shared expert is an ordinary tensor-parallel MLP, with Qwen2-MoE's sigmoid gate
+(`moe_shared_expert_gate`).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def moe_arch_fields(cfg: dict) -> dict[str, Any]:
     )
 
 
-def moe_config_fields(arch: GPTArch, ep: int) -> dict[str, Any]:
-    """TransformerConfig fields of an MoE arch at expert parallelism `ep` (none if dense)."""
+def moe_config_fields(arch: GPTArch, ep: int, etp: int = 1) -> dict[str, Any]:
+    """TransformerConfig fields of an MoE arch at expert parallelism `ep` and expert tensor
+    parallelism `etp` (none if dense)."""
     if not arch.num_moe_experts:
         return {}
     return dict(
@@ -92,15 +94,22 @@ def moe_config_fields(arch: GPTArch, ep: int) -> dict[str, Any]:
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,
         expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=etp,
     )
 
 
-def moe_parallel_problems(arch: GPTArch, tp: int, ep: int, sequence_parallel: bool) -> list[str]:
+def moe_parallel_problems(
+    arch: GPTArch, tp: int, ep: int, sequence_parallel: bool, etp: int = 1
+) -> list[str]:
     """What an MoE arch cannot do at this layout (empty for a dense arch at EP 1)."""
     if not arch.num_moe_experts:
         return [] if ep == 1 else [f"expert_model_parallel_size={ep} needs an MoE model"]
     problems = []
+    if arch.moe_ffn_hidden_size % etp:
+        problems.append(
+            f"moe_ffn_hidden_size={arch.moe_ffn_hidden_size} cannot be split over "
+            f"expert_tensor_parallel_size={etp}"
+        )
     if arch.num_moe_experts % ep:
         problems.append(
             f"{arch.num_moe_experts} experts cannot be split over expert_model_parallel_size={ep}"
@@ -155,18 +164,21 @@ def moe_expected_shape(arch: GPTArch, name: str) -> tuple[int, ...] | None:
 
 
 def load_moe_mlp(mlp, arch: GPTArch, src, layer: int, rank: int, tp: int, copy) -> None:
-    """Fill one MoELayer (`mlp`) of layer `layer` from `src`; `copy(param, value, what)`."""
+    """Fill one MoELayer (`mlp`) of layer `layer` from `src`; `copy(param, value, what)`.
+    Routed experts are split over their expert-TP group (fc1 by rows, [gate; up] per shard as
+    megatron's SwiGLU, fc2 by columns), the shared expert over the TP group."""
     p = f"layers.{layer}."
     copy(mlp.router.weight, src.full(p + "router"), f"layer {layer} router")
     experts = mlp.experts
     first = experts.ep_group.rank() * experts.num_local_experts
     for i, expert in enumerate(experts.local_experts):
-        q = f"{p}experts.{first + i}."
-        fc1 = torch.cat([src.full(q + "gate"), src.full(q + "up")])
-        copy(expert.linear_fc1.weight, fc1, f"layer {layer} expert {first + i} fc1")
-        copy(
-            expert.linear_fc2.weight, src.full(q + "down"), f"layer {layer} expert {first + i} fc2"
-        )
+        q, what = f"{p}experts.{first + i}.", f"layer {layer} expert {first + i}"
+        group = expert.linear_fc1.tp_group
+        size = arch.moe_ffn_hidden_size // group.size()
+        lo, hi = group.rank() * size, (group.rank() + 1) * size
+        fc1 = torch.cat([src.rows(q + "gate", lo, hi), src.rows(q + "up", lo, hi)])
+        copy(expert.linear_fc1.weight, fc1, f"{what} fc1")
+        copy(expert.linear_fc2.weight, src.cols(q + "down", lo, hi), f"{what} fc2")
     shared = getattr(mlp, "shared_experts", None)
     if shared is None:
         return

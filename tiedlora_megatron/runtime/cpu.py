@@ -167,8 +167,9 @@ _KNOWN_WARNINGS = (
     # torch deprecating the calls megatron makes, nothing a user of this package can act on
     r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load`",
     r"Please use DTensor instead and we are deprecating ShardedTensor\.",
-    # torch >= 2.9 deprecating a collective that megatron's MoE token dispatchers call
-    r"`torch\.distributed\.all_gather_into_tensor` is deprecated\.",
+    # torch >= 2.9 deprecating collectives that megatron's MoE token dispatchers call (the
+    # reduce-scatter under expert tensor parallelism)
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated\.",
 )
 
 # Notices megatron-core logs (logging, not warnings): logger name -> message prefix.
