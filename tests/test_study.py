@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from examples.study import run_study
+from examples.study import plan, run_study, runner
 from tests.tiny_job import make_tiny_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,8 @@ LAUNCH = ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "tiedlora_mega
 CONFIG = ["--config", "examples/configs/smollm2_squad.yaml"]
 # lora and vBuA at rank 8 on linear_qkv, a 2-point LR sweep, vBuA with a second seed.
 GRID = ["--tasks", "squad", "--presets", "lora,vBuA", "--ranks", "8", "--targets", "qkv",
-        "--seeds", "0,1", "--seed-presets", "vBuA", "--lrs", "0.001,0.01", "--steps", "4"]  # fmt: skip
+        "--seeds", "0,1", "--seed-presets", "vBuA", "--lrs", "0.001,0.01", "--steps", "4",
+        "--max-widenings", "0"]  # fmt: skip
 
 
 def _run_dir(out: Path, preset: str, seed: int, lr: str) -> Path:
@@ -96,7 +97,7 @@ def test_dry_run_sweeps_then_scores_the_chosen_lr(
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
     assert run_study.main(["--out", str(out), *GRID, "--dry-run"]) == 0
-    lr = run_study.LR_PLACEHOLDER  # the sweep has not run
+    lr = plan.LR_PLACEHOLDER  # the sweep has not run
     printed = capsys.readouterr().out
     assert _commands(printed) == [
         _base(out),
@@ -194,7 +195,7 @@ def test_runner_skips_finished_jobs_and_chooses_after_the_sweep(
             _test_result(d, 40.0)
         return 0
 
-    monkeypatch.setattr(run_study, "run_process", job)
+    monkeypatch.setattr(runner, "run_process", job)
     _write(out / "squad" / "base" / "eval_base.json", {"val_loss": 3.0, "f1": 5.0})
     _summary(_run_dir(out, "lora", 0, "0.001"), 2.0, 20.0, 9216)
     (_run_dir(out, "lora", 0, "0.001") / "checkpoints" / "step_0000004").mkdir(parents=True)
@@ -223,7 +224,7 @@ def test_a_finished_run_without_its_checkpoint_is_refused(
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
     ran: list[list[str]] = []
-    monkeypatch.setattr(run_study, "run_process", lambda argv, log, env: ran.append(argv))
+    monkeypatch.setattr(runner, "run_process", lambda argv, log, env: ran.append(argv))
     _write(out / "squad" / "base" / "eval_base.json", {"val_loss": 3.0, "f1": 5.0})
     _sweep(out)  # lora's sweep has finished: its 0.001 run waits for its test score
     assert run_study.main(["--out", str(out), *GRID, "--match", "squad/lora_*"]) == 1
@@ -260,3 +261,80 @@ def test_mini_study_on_the_tiny_job(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert lora["test_examples"] == "8" and 0 <= float(lora["f1"]) <= 100
     summary = json.loads((out / "squad" / "vBuA_r4_qkv_s0_lr0.01" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["target_modules"] == ["linear_qkv"]
+
+
+QUESTIONS = [(f"question {i}", f"answer {i}") for i in range(8)]
+
+
+def test_sweep_widens_off_its_edges_and_the_report_compares_with_lora(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in job: LoRA's loss is lowest at the grid's low edge, and one rate below is worse
+    (chosen inside); vBuA's keeps falling past the top edge (chosen at the widening limit, and
+    flagged). Scored on 8 questions, vBuA answers all, LoRA the first 4, with both seeds: vBuA
+    ahead in exact match by 50 points, its interval that of a Binomial(8, 1/2) / 8 (12.5 to
+    87.5 points); both F1s are identical per question where both answer, and vBuA's 8 answers
+    are right, so F1 is ahead by the same 50."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "study"
+    ran: list[str] = []
+
+    def loss(preset: str, lr: float) -> float:
+        return 1 + abs(math.log10(lr) + 3) if preset == "lora" else 1 / lr
+
+    def job(argv: list[str], log, env) -> int:
+        args = dict(a.split("=", 1) for a in argv if "=" in a)
+        d = Path(args["train.output_dir"])
+        preset = d.name.split("_")[0]
+        if "train" in argv:
+            ran.append(f"{d.name} train")
+            _summary(d, loss(preset, float(args["optim.lr"])), 10.0, 3000)
+            (d / "checkpoints" / "step_0000004").mkdir(parents=True)
+            return 0
+        ran.append(f"{d.name} test")
+        assert args["eval.num_examples"] == "8"
+        right = len(QUESTIONS) if preset == "vBuA" else 4
+        rows = [{"index": i, "prediction": a if i < right else "no idea", "references": [a]}
+                for i, (_, a) in enumerate(QUESTIONS)]  # fmt: skip
+        (d / "eval_step_0000004_predictions.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+        em = 100.0 * right / len(QUESTIONS)
+        _write(d / "eval_step_0000004.json", {"val_loss": 1.0, "exact_match": em, "f1": em,
+               "eval_examples": 8, "predictions": "eval_step_0000004_predictions.jsonl"})  # fmt: skip
+        return 0
+
+    monkeypatch.setattr(runner, "run_process", job)
+    _write(out / "squad" / "base" / "eval_base.json", {"val_loss": 3.0, "f1": 5.0})
+    grid = ["--tasks", "squad", "--presets", "lora,vBuA", "--ranks", "8", "--targets", "qkv",
+            "--seeds", "0,1", "--seed-presets", "lora,vBuA", "--lrs", "0.001,0.01",
+            "--steps", "4", "--max-widenings", "1", "--test-examples", "8"]  # fmt: skip
+    assert run_study.main(["--out", str(out), *grid]) == 0
+    assert ran == [
+        "lora_r8_qkv_s0_lr0.001 train", "lora_r8_qkv_s0_lr0.01 train",
+        "lora_r8_qkv_s0_lr0.0001 train",  # below the low edge: worse, so 0.001 is inside
+        "lora_r8_qkv_s0_lr0.001 test", "lora_r8_qkv_s1_lr0.001 train",
+        "lora_r8_qkv_s1_lr0.001 test",
+        "vBuA_r8_qkv_s0_lr0.001 train", "vBuA_r8_qkv_s0_lr0.01 train",
+        "vBuA_r8_qkv_s0_lr0.1 train",  # still the edge, and the limit: chosen
+        "vBuA_r8_qkv_s0_lr0.1 test", "vBuA_r8_qkv_s1_lr0.1 train", "vBuA_r8_qkv_s1_lr0.1 test",
+    ]  # fmt: skip
+
+    md = (out / "results.md").read_text()
+    assert "(at most 1 rates per side)" in md and "same 8 test questions" in md
+    assert "| lr 0.0001 | lr 0.001 | lr 0.01 | lr 0.1 |" in md
+    assert "| lora | 8 | qkv | 2 | **1** | 2 |  |  |" in md
+    assert "| vBuA | 8 | qkv |  | 1000 | 100 | **10** | on the edge at the widening limit |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 8 | qkv | vBuA | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:6] == ["10.0000 ± 0.0000", "1.0000 ± 0.0000"]
+    assert cells[6] == "100.0 / 50.0" and cells[8] == "**vBuA ahead**"
+    assert cells[7] == "+50.0 [+12.5, +87.5]"
+    assert cells[9:] == ["100.0 / 50.0", "+50.0 [+12.5, +87.5]", "**vBuA ahead**"]
+    kept = out / "squad" / "lora_r8_qkv_s1_lr0.001" / "eval_step_0000004_question_scores.json"
+    assert json.loads(kept.read_text())["scores"]["exact_match"] == [100.0] * 4 + [0.0] * 4
+
+    # The per-question scores are what the report reads back: they must agree with the result.
+    result = kept.with_name("eval_step_0000004.json")
+    _write(result, {**json.loads(result.read_text()), "exact_match": 40.0})
+    assert run_study.main(["--out", str(out), *grid, "--report-only"]) == 1

@@ -7,7 +7,12 @@ import math
 
 import pytest
 
-from examples.study.stats import paired_bootstrap, sweep_step
+from examples.study.stats import (
+    mean_interval,
+    paired_bootstrap,
+    seed_and_question_bootstrap,
+    sweep_step,
+)
 
 GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 
@@ -79,3 +84,34 @@ def test_paired_bootstrap_errors_name_the_problem() -> None:
         paired_bootstrap([], [])
     with pytest.raises(ValueError, match="level must lie in"):
         paired_bootstrap([1], [0], level=1.5)
+
+
+def test_seed_and_question_bootstrap_with_one_seed_gives_the_binomial_quantiles() -> None:
+    # As in test_paired_bootstrap_matches_the_binomial_quantiles: k ~ Binomial(4, 3/4).
+    r = seed_and_question_bootstrap([[1, 1, 1, 0]], [[0, 0, 0, 0]], names=("vBuA", "LoRA"))
+    assert (r.mean, r.low, r.high, r.verdict) == (0.75, 0.25, 1.0, "vBuA ahead")
+    # Two seeds that agree question by question: the same distribution.
+    r = seed_and_question_bootstrap([[1, 1, 1, 0]] * 2, [[0, 0, 0, 0]] * 2, seed=3)
+    assert (r.low, r.high) == (0.25, 1.0)
+
+
+def test_seed_and_question_bootstrap_covers_the_seed_spread() -> None:
+    # Seed 0 of both methods agree on every question, seed 1 differs by 1 on every question: a
+    # resample's mean is j/2 with j ~ Binomial(2, 1/2) the draws of seed 1, so the 2.5 % and
+    # 97.5 % quantiles are 0 and 1: a match. Averaging the seeds first would give a constant
+    # difference of 1/2 on every question, and a verdict the next seed could overturn.
+    a = [[0.0] * 10, [1.0] * 10]
+    b = [[0.0] * 10, [0.0] * 10]
+    r = seed_and_question_bootstrap(a, b, names=("vBuA", "LoRA"))
+    assert (r.mean, r.low, r.high, r.verdict) == (0.5, 0.0, 1.0, "match")
+    seed_mean = [[0.5] * 10]
+    r = seed_and_question_bootstrap(seed_mean, [[0.0] * 10], names=("vBuA", "LoRA"))
+    assert (r.low, r.high, r.verdict) == (0.5, 0.5, "vBuA ahead")
+    assert mean_interval([[2.0, 4.0]] * 3) == (3.0, 2.0, 4.0)
+
+
+def test_seed_and_question_bootstrap_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="same seeds: 1 vs 2 runs"):
+        seed_and_question_bootstrap([[1.0]], [[1.0], [0.0]])
+    with pytest.raises(ValueError, match="each of the same questions"):
+        seed_and_question_bootstrap([[1.0, 0.0]], [[1.0]])

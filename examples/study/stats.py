@@ -6,7 +6,9 @@ geometric spacing) or that the choice is made, flagged when the widening limit s
 
 Two methods scored on the same questions are compared per question: `paired_bootstrap` resamples
 the questions (the same draw for both methods) and gives the mean difference with a percentile
-interval, and the verdict at that level: "match" when the interval contains 0.
+interval, and the verdict at that level: "match" when the interval contains 0. With several
+seeds per method (seed s of both sharing its data order), `seed_and_question_bootstrap`
+resamples the seeds too, so that the interval also covers how much a rerun moves the result.
 """
 
 from __future__ import annotations
@@ -103,3 +105,53 @@ def paired_bootstrap(
     high = means[int(math.ceil((1 - tail) * (resamples - 1)))]
     verdict = "match" if low <= 0 <= high else f"{names[0] if low > 0 else names[1]} ahead"
     return PairedComparison(sum(diff) / n, low, high, level, verdict)
+
+
+def seed_and_question_bootstrap(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    names: tuple[str, str] = ("a", "b"),
+    resamples: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> PairedComparison:
+    """Compare two methods run with the same seeds on the same questions: `a[s][q]` is the score
+    of seed s on question q (seed s of both methods shares its data order). Each resample draws
+    the seeds and the questions with replacement, the same draws for both methods, and takes
+    the mean of `a - b` over them: the interval covers the seed-to-seed spread as well as the
+    choice of questions. With one seed it is the question bootstrap of `paired_bootstrap`
+    (quantiles interpolated, another generator)."""
+    import torch
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired runs need the same seeds: {len(a)} vs {len(b)} runs")
+    if any(len(row) != len(a[0]) for row in (*a, *b)) or not a[0]:
+        raise ValueError("every run needs a score for each of the same questions")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    seeds, questions = diff.shape
+    g = torch.Generator().manual_seed(seed)
+
+    def counts(n: int) -> torch.Tensor:  # [resamples, n]: how often each index is drawn
+        draws = torch.randint(n, (resamples, n), generator=g)
+        return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones_like(draws, dtype=torch.float64)
+        )
+
+    per_question = counts(seeds) @ diff  # [resamples, questions]: sums over the drawn seeds
+    means = (per_question * counts(questions)).sum(1) / (seeds * questions)
+    tail = (1 - level) / 2
+    low, high = (float(x) for x in torch.quantile(means, torch.tensor([tail, 1 - tail]).double()))
+    verdict = "match" if low <= 0 <= high else f"{names[0] if low > 0 else names[1]} ahead"
+    return PairedComparison(float(diff.mean()), low, high, level, verdict)
+
+
+def mean_interval(
+    scores: Sequence[Sequence[float]], resamples: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high) of one method's per-question scores `scores[s][q]` over its seeds and
+    questions, the interval from resampling both, as `seed_and_question_bootstrap` does."""
+    zeros = [[0.0] * len(row) for row in scores]
+    c = seed_and_question_bootstrap(scores, zeros, resamples=resamples, level=level, seed=seed)
+    return c.mean, c.low, c.high
