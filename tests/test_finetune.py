@@ -120,6 +120,8 @@ def test_resume_matches_uninterrupted(
     evaluated = tmp_path / "eval"
     one = [*tiny, "parallel.ep=1", "eval.num_examples=-1", "eval.val_examples=8",
            f"train.output_dir={evaluated}"]  # fmt: skip
+    if layout == ["parallel.pp=2"]:  # resharding to one rank: tp2_sp's and moe_ep2's concern
+        return
     _run(1, [*one, "--adapter", str(whole / final)], command="eval", config=config)
     result = json.loads((evaluated / "eval_step_0000004.json").read_text())
     assert result["val_loss"] == pytest.approx(summary["tuned"]["val_loss"], rel=1e-5)

@@ -131,7 +131,7 @@ def _parity(root: str, tp: int, ep: int, etp: int) -> dict[str, float | None]:
     return out
 
 
-@pytest.mark.parametrize(("tp", "ep", "etp"), [(1, 1, 1), (1, 2, 1), (2, 2, 1), (2, 2, 2)])
+@pytest.mark.parametrize(("tp", "ep", "etp"), [(1, 1, 1), (2, 2, 1), (2, 2, 2)])
 def test_logits_match_transformers(pool, hf_dir, tp, ep, etp):
     results = pool.run(_parity, hf_dir, tp, ep, etp)
     for name in results[0]:
