@@ -321,7 +321,7 @@ def test_sweep_widens_off_its_edges_and_the_report_compares_with_lora(
     ]  # fmt: skip
 
     md = (out / "results.md").read_text()
-    assert "(at most 1 rates per side)" in md and "same 8 test questions" in md
+    assert "(at most 1 rate per side)" in md and "same 8 test questions" in md
     assert "| lr 0.0001 | lr 0.001 | lr 0.01 | lr 0.1 |" in md
     assert "| lora | 8 | qkv | 2 | **1** | 2 |  |  |" in md
     assert "| vBuA | 8 | qkv |  | 1000 | 100 | **10** | on the edge at the widening limit |" in md

@@ -264,7 +264,7 @@ def describe(study: Study, cfg: JobConfig) -> str:
     by = "lowest validation loss" if study.select == "val_loss" else "best validation metric"
     widen = (
         f", widened past an edge choice at the grid's spacing (at most {study.max_widenings} "
-        "rates per side)"
+        f"rate{'s' if study.max_widenings > 1 else ''} per side)"
         if study.max_widenings and len(study.lrs) > 1
         else ""
     )
