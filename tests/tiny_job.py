@@ -35,38 +35,25 @@ def _examples(n: int, seed: int) -> list[dict[str, str]]:
     return out
 
 
+#: (layers, moe) -> a private copy of that model, built once per process (tests copy it)
+_BUILT: dict[tuple[int, bool], Path] = {}
+
+
 def make_tiny_job(root: Path, layers: int = 4, moe: bool = False) -> dict[str, str]:
     """Write the model and data under `root`; return the overrides that point a job at them.
-    `moe`: a Mixtral (4 experts, top 2) instead of a Llama."""
-    import torch
-    import transformers
-
-    from tiedlora_megatron.models import default_smollm2_path, load_tokenizer
+    `moe`: a Mixtral (4 experts, top 2) instead of a Llama. The same arguments give the same
+    files (seeded), built once per process and copied."""
+    import shutil
+    import tempfile
 
     model_dir = root / ("model_moe" if moe else "model")
     if not (model_dir / "config.json").is_file():
-        tok = load_tokenizer(default_smollm2_path())
-        torch.manual_seed(0)
-        dims = dict(
-            vocab_size=len(tok.hf),
-            hidden_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-        )
-        if moe:
-            config = transformers.MixtralConfig(
-                **dims, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2
-            )
-            model = transformers.MixtralForCausalLM(config)
-        else:
-            model = transformers.LlamaForCausalLM(
-                transformers.LlamaConfig(**dims, intermediate_size=128)
-            )
-        model.save_pretrained(model_dir)
-        tok.hf.save_pretrained(model_dir)
+        built = _BUILT.get((layers, moe))
+        if built is None or not (built / "config.json").is_file():
+            built = Path(tempfile.mkdtemp(prefix="tiny_model_")) / "model"
+            _build_model(built, layers, moe)
+            _BUILT[layers, moe] = built
+        shutil.copytree(built, model_dir, dirs_exist_ok=True)
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     for split, (n, seed) in {"train": (64, 0), "validation": (16, 1), "test": (8, 2)}.items():
@@ -79,6 +66,37 @@ def make_tiny_job(root: Path, layers: int = 4, moe: bool = False) -> dict[str, s
         "data.validation": str(data / "validation.jsonl"),
         "data.test": str(data / "test.jsonl"),
     }
+
+
+def _build_model(model_dir: Path, layers: int, moe: bool) -> None:
+    """A random HF Llama (or Mixtral) with SmolLM2's tokenizer, seeded, saved to `model_dir`."""
+    import torch
+    import transformers
+
+    from tiedlora_megatron.models import default_smollm2_path, load_tokenizer
+
+    tok = load_tokenizer(default_smollm2_path())
+    torch.manual_seed(0)
+    dims = dict(
+        vocab_size=len(tok.hf),
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    if moe:
+        config = transformers.MixtralConfig(
+            **dims, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2
+        )
+        model = transformers.MixtralForCausalLM(config)
+    else:
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**dims, intermediate_size=128)
+        )
+    model.save_pretrained(model_dir)
+    tok.hf.save_pretrained(model_dir)
 
 
 if __name__ == "__main__":
