@@ -126,6 +126,21 @@ def test_dry_run_sweeps_then_scores_the_chosen_lr(
     assert f"# done: {_train(out, 'lora', 0, '0.01')}" in printed.splitlines()
 
 
+def test_seeds_at_caps_a_ranks_seeds(capsys: pytest.CaptureFixture) -> None:
+    """--seeds-at 32=2 keeps rank 8's three seeds and runs the first two at rank 32."""
+    args = run_study.parse_args([
+        "--tasks", "squad", "--presets", "lora,vBuA", "--ranks", "8,32", "--targets", "qkv",
+        "--seeds", "0,1,2", "--seed-ranks", "8,32", "--seeds-at", "32=2",
+    ])  # fmt: skip
+    seeds = {s.name: s.seeds for s in plan.build_grid(args)}
+    assert seeds == {"lora_r8_qkv": (0, 1, 2), "vBuA_r8_qkv": (0, 1, 2),
+                     "lora_r32_qkv": (0, 1), "vBuA_r32_qkv": (0, 1)}  # fmt: skip
+    for bad in ("32", "32=0", "r32=2"):
+        with pytest.raises(SystemExit):
+            run_study.parse_args(["--seeds-at", bad])
+        assert f"expected RANK=N with N >= 1, got {bad!r}" in capsys.readouterr().err
+
+
 def test_study_keys_are_not_overrides(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         run_study.parse_args(["optim.lr=0.1"])

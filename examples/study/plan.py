@@ -102,20 +102,20 @@ class Setting:
 def build_grid(args: argparse.Namespace) -> list[Setting]:
     """Every preset at every rank on the first target set, `--wide-presets` also on the other
     sets, all with the first seed; those of `--seed-presets` at `--seed-ranks` on the first set
-    with every seed."""
+    with every seed, or the first N at a rank `--seeds-at` caps."""
     target_sets = [parse_targets(t) for t in args.targets]
     seeds: dict[tuple[str, int, tuple[str, ...]], tuple[int, ...]] = {}
     for preset in args.presets:
         for rank in args.ranks:
-            seeds[preset, rank, target_sets[0]] = args.seeds[:1]
+            seeds[preset, rank, target_sets[0]] = tuple(args.seeds[:1])
     for targets in target_sets[1:]:
         for preset in args.wide_presets:
             for rank in args.ranks:
-                seeds[preset, rank, targets] = args.seeds[:1]
+                seeds[preset, rank, targets] = tuple(args.seeds[:1])
     for preset in args.seed_presets:
         for rank in args.seed_ranks:
             if (preset, rank, target_sets[0]) in seeds:
-                seeds[preset, rank, target_sets[0]] = args.seeds
+                seeds[preset, rank, target_sets[0]] = tuple(args.seeds[: args.seeds_at.get(rank)])
     return [
         Setting(task, preset, rank, targets, s)
         for task in args.tasks

@@ -319,7 +319,7 @@ def _sweep_table(study: Study, task: str, settings: list[Setting]) -> list[str]:
         note = "on the edge at the widening limit" if sw.at_limit else ""
         rows.append([s.preset, str(s.rank), targets_name(s.targets), *cells, note])
     what = "val loss" if study.select == "val_loss" else f"validation {primary_metric(task)}"
-    header = ["preset", "rank", "targets", *(f"lr {lr_text(lr)}" for lr in rates), ""]
+    header = ["preset", "rank", "targets", *(f"lr {lr_text(lr)}" for lr in rates), "note"]
     seed = ours[0].seeds[0]
     return [
         "",

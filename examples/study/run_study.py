@@ -58,6 +58,17 @@ def _list(kind: type) -> Any:
     return lambda text: [kind(x) for x in text.split(",") if x]
 
 
+def _seed_caps(text: str) -> dict[int, int]:
+    """'32=2,64=1' -> {32: 2, 64: 1}."""
+    caps = {}
+    for item in filter(None, text.split(",")):
+        rank, sep, n = item.partition("=")
+        if not sep or not rank.strip().isdigit() or not n.strip().isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(f"expected RANK=N with N >= 1, got {item!r}")
+        caps[int(rank)] = int(n)
+    return caps
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -91,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed-presets", type=_list(str), default=["lora", "vBuA"])
     p.add_argument("--seed-ranks", type=_list(int), default=[8])
+    p.add_argument(
+        "--seeds-at",
+        type=_seed_caps,
+        default={},
+        metavar="RANK=N,...",
+        help="run only the first N of --seeds at these ranks (a budget cut), e.g. 32=2",
+    )
     p.add_argument(
         "--lrs", type=_list(float), default=[1e-3, 3e-3, 1e-2], help="the LR sweep's base grid"
     )
